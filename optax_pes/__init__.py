@@ -1,0 +1,14 @@
+"""optax_pes: unbiased hypergradients through long unrolls, as optax transformations."""
+
+from optax_pes import tasks as tasks
+from optax_pes._estimator import (
+    Diagnostics as Diagnostics,
+    EstimatorState as EstimatorState,
+)
+from optax_pes._nres import nres as nres
+from optax_pes._pes import full_es as full_es, pes as pes
+from optax_pes._system import UnrolledSystem as UnrolledSystem, unroll as unroll
+from optax_pes._tbptt import tbptt as tbptt
+from optax_pes._truncated_es import truncated_es as truncated_es
+
+__version__ = "0.1.0"

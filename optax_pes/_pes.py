@@ -1,0 +1,201 @@
+"""Persistent Evolution Strategies (PES) and full-unroll ES, which is PES with K = T."""
+
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, PRNGKeyArray, PyTree
+
+from optax_pes import _estimator as est
+from optax_pes._system import UnrolledSystem, as_key
+from optax_pes._window import run_window, tree_where
+
+
+def pes(
+    system: UnrolledSystem,
+    *,
+    num_particles: int,
+    sigma: float | Array,
+    truncation_length: int,
+    key: PRNGKeyArray | int,
+    stagger: bool = False,
+    antithetic: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Persistent Evolution Strategies: unbiased gradients from truncated unrolls.
+
+    Each update advances every particle by one window of $K$ inner steps at a freshly
+    perturbed $\theta + \epsilon_i$, $\epsilon_i \sim \mathcal{N}(0, \sigma^2 I)$, and
+    keeps, per particle, the accumulated score of all the perturbations its current
+    episode has seen, $\xi_i = \sum_{\tau} \epsilon_{i,\tau} / \sigma_\tau^2$. With
+    $L_i$ the sum of the particle's $K$ losses in the window,
+
+    $$\hat g = \frac{1}{N} \sum_{i=1}^N L_i\, \xi_i ,$$
+
+    and summed over the windows of an episode $\hat g$ is an unbiased estimate of the
+    gradient of the Gaussian-smoothed total episode loss (exactly of $\nabla L$ for
+    quadratic losses). The estimate is **added** to the incoming updates.
+
+    An episode that ends inside a window has its losses credited to each side: those
+    before the reset to the old accumulator, those after it to the new episode's
+    noise only. Particles whose window loss is not finite are left out of the estimate
+    (which stays finite), restarted next window, and counted in
+    `state.diagnostics.num_nonfinite`.
+
+    **Arguments:**
+
+    - `system`: the `optax_pes.UnrolledSystem` to differentiate through.
+    - `num_particles`: $N$, particles per update (even with `antithetic`).
+    - `sigma`: the perturbation's standard deviation (not variance). May change between
+      updates (e.g. under `optax.inject_hyperparams`): scores stay consistent.
+    - `truncation_length`: $K$, inner steps per update, `1 <= K <= horizon`.
+    - `key`: an `int` seed or a PRNG key; kept in the state and split every update.
+    - `stagger`: spread the particles' episodes uniformly over the horizon, so the
+      estimate is not dominated by one phase of the inner problem. A staggered
+      particle's first episode is shortened; later ones have the full horizon.
+    - `antithetic`: use pairs $(\epsilon, -\epsilon)$ that share inner-step keys.
+
+    **Returns:** an `optax.GradientTransformationExtraArgs` whose state is an
+    `optax_pes.EstimatorState`; `update(updates, state, params)` needs `params`.
+
+    **Example:**
+
+    ```python
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import optax_pes
+    >>> system = optax_pes.tasks.influence_balancing()
+    >>> tx = optax.chain(
+    ...     optax_pes.pes(system, num_particles=4, sigma=0.1, truncation_length=10,
+    ...                   key=0),
+    ...     optax.sgd(1e-4),
+    ... )
+    >>> theta = jnp.array([0.5])
+    >>> state = tx.init(theta)
+    >>> updates, state = jax.jit(tx.update)(jnp.zeros_like(theta), state, theta)
+    >>> updates.shape
+    (1,)
+
+    ```
+
+    **References:** Vicol, Metz and Sohl-Dickstein, *Unbiased Gradient Estimation in
+    Unrolled Computation Graphs with Persistent Evolution Strategies*, ICML 2021,
+    <https://proceedings.mlr.press/v139/vicol21a.html>.
+    """
+    est.check_system(system)
+    truncation_length = est.check_truncation_length(truncation_length, system.horizon)
+    return _persistent(
+        "pes", system, num_particles, sigma, truncation_length, key, stagger, antithetic
+    )
+
+
+def full_es(
+    system: UnrolledSystem,
+    *,
+    num_particles: int,
+    sigma: float | Array,
+    key: PRNGKeyArray | int,
+    antithetic: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Evolution Strategies over whole episodes: PES with $K = T$.
+
+    Each update runs every particle through one full episode of `system.horizon` steps
+    at $\theta + \epsilon_i$ and returns
+    $\hat g = \frac{1}{N \sigma^2} \sum_i L_i \epsilon_i$, an unbiased estimate of the
+    gradient of the smoothed episode loss, added to the incoming updates. Unbiased and
+    simple, but one update per episode; memory stays independent of the horizon.
+
+    **Arguments:** as `optax_pes.pes`, without `truncation_length` and `stagger`.
+
+    **Example:**
+
+    ```python
+    >>> import jax.numpy as jnp, optax, optax_pes
+    >>> tx = optax_pes.full_es(optax_pes.tasks.toy_regression(), num_particles=4,
+    ...                        sigma=0.1, key=0)
+    >>> theta = jnp.array([-4.0, -4.0])
+    >>> updates, state = tx.update(jnp.zeros(2), tx.init(theta), theta)
+    >>> bool(jnp.all(jnp.isfinite(updates)))
+    True
+
+    ```
+    """
+    est.check_system(system)
+    return _persistent(
+        "full_es", system, num_particles, sigma, system.horizon, key, False, antithetic
+    )
+
+
+def _persistent(
+    name: str,
+    system: UnrolledSystem,
+    num_particles: int,
+    sigma: float | Array,
+    truncation_length: int,
+    key: PRNGKeyArray | int,
+    stagger: bool,
+    antithetic: bool,
+) -> optax.GradientTransformationExtraArgs:
+    num_particles = est.check_num_particles(num_particles, antithetic)
+    est.check_sigma(sigma)
+    key = as_key(key, "key")
+    signs = (1.0, -1.0) if antithetic else (1.0,)
+    members = len(signs)
+    num_groups = num_particles // members
+    horizon = system.horizon
+    offsets = est.stagger_offsets(num_groups, horizon, truncation_length, stagger)
+
+    def init_fn(params: PyTree) -> est.EstimatorState:
+        est.check_against_system(system, params)
+        return est.EstimatorState(
+            count=jnp.zeros((), jnp.int32),
+            rng_key=key,
+            inner_state=est.empty_inner_state(system, params, num_particles),
+            remaining=jnp.asarray(horizon - offsets, jnp.int32),
+            needs_init=jnp.ones(num_groups, bool),
+            noise=jax.tree.map(lambda p: jnp.zeros((num_groups,) + p.shape, p.dtype),
+                               params),
+            diagnostics=est.zero_diagnostics(),
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
+        est.require_params(params, name)
+        loss_dtype = est.check_against_system(system, params)
+        rng_key, noise_key, window_key = est.split_key(state.rng_key)
+        scale = est.checked_sigma(sigma)
+        normal = est.sample_normal(noise_key, params, num_groups)
+        # eps = scale * z; its score eps / scale^2 = z / scale.
+        score = jax.tree.map(lambda z: z / scale.astype(z.dtype), normal)
+        thetas = est.perturb(params, normal, signs, scale)
+        result = run_window(
+            system,
+            thetas,
+            state.inner_state,
+            state.remaining,
+            state.needs_init,
+            window_key,
+            members=members,
+            truncation_length=truncation_length,
+            loss_dtype=loss_dtype,
+        )
+        valid = est.window_validity(result, members, num_groups)
+        accumulated = jax.tree.map(jnp.add, state.noise, score)
+        estimate = est.score_estimate(result, valid, signs, accumulated, score)
+        # The next accumulator: this window's score for an episode that began inside
+        # it, zero for one that ended (or was dropped), else the running sum.
+        restart = result.needs_init | ~valid
+        noise = tree_where(result.reset_inside, score, accumulated)
+        noise = tree_where(restart, jax.tree.map(jnp.zeros_like, noise), noise)
+        remaining, needs_init = est.next_episode_flags(result, valid, horizon)
+        new_state = est.EstimatorState(
+            count=state.count + 1,
+            rng_key=rng_key,
+            inner_state=result.inner_state,
+            remaining=remaining,
+            needs_init=needs_init,
+            noise=noise,
+            diagnostics=est.diagnostics(
+                result, valid, estimate, members, truncation_length
+            ),
+        )
+        return est.add_estimate(updates, estimate), new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

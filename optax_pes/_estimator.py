@@ -298,6 +298,7 @@ def diagnostics(
     total = (result.loss_before + result.loss_after).reshape(num_members, num_groups)
     valid_total = jnp.where(valid, total, 0).astype(jnp.float32)
     denom = jnp.maximum(num_members * jnp.sum(valid), 1) * truncation_length
+    denom = denom.astype(jnp.float32)
     sq = sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(estimate))
     return Diagnostics(
         mean_loss=jnp.sum(valid_total) / denom,

@@ -154,7 +154,7 @@ def check_against_system(system: UnrolledSystem, params: PyTree) -> jnp.dtype:
         ) from e
     same = jax.tree.structure(new_state) == jax.tree.structure(state) and all(
         a.shape == b.shape and a.dtype == b.dtype
-        for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(state))
+        for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(state), strict=True)
     )
     if not same:
         raise ValueError(
@@ -211,7 +211,7 @@ def sample_normal(key: PRNGKeyArray, params: PyTree, num: int) -> PyTree:
     keys = jax.random.split(key, len(leaves))
     draws = [
         jax.random.normal(k, (num,) + jnp.shape(x), jnp.result_type(x))
-        for k, x in zip(keys, leaves)
+        for k, x in zip(keys, leaves, strict=True)
     ]
     return jax.tree.unflatten(treedef, draws)
 
@@ -229,8 +229,10 @@ def perturb(
         if scale is not None:
             s = jnp.asarray(scale, n.dtype)
             n = n * s.reshape(s.shape + (1,) * (n.ndim - s.ndim))
-        parts = [p[None] + sign * n if sign else jnp.broadcast_to(p, n.shape)
-                 for sign in signs]
+        parts = [
+            p[None] + sign * n if sign else jnp.broadcast_to(p, n.shape)
+            for sign in signs
+        ]
         return jnp.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
 
     return jax.tree.map(leaf, params, noise)
@@ -284,7 +286,9 @@ def score_estimate(
 
 
 def add_estimate(updates: PyTree, estimate: PyTree) -> PyTree:
-    return jax.tree.map(lambda u, e: (u + e).astype(jnp.result_type(u)), updates, estimate)
+    return jax.tree.map(
+        lambda u, e: (u + e).astype(jnp.result_type(u)), updates, estimate
+    )
 
 
 def diagnostics(
@@ -299,7 +303,9 @@ def diagnostics(
     valid_total = jnp.where(valid, total, 0).astype(jnp.float32)
     denom = jnp.maximum(num_members * jnp.sum(valid), 1) * truncation_length
     denom = denom.astype(jnp.float32)
-    sq = sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(estimate))
+    sq = sum(
+        jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(estimate)
+    )
     return Diagnostics(
         mean_loss=jnp.sum(valid_total) / denom,
         estimate_norm=jnp.sqrt(sq),
@@ -317,7 +323,9 @@ def next_episode_flags(
     return remaining, needs_init
 
 
-def split_key(state_key: PRNGKeyArray) -> tuple[PRNGKeyArray, PRNGKeyArray, PRNGKeyArray]:
+def split_key(
+    state_key: PRNGKeyArray,
+) -> tuple[PRNGKeyArray, PRNGKeyArray, PRNGKeyArray]:
     new_key, noise_key, window_key = jax.random.split(state_key, 3)
     return new_key, noise_key, window_key
 

@@ -150,8 +150,9 @@ def _persistent(
             inner_state=est.empty_inner_state(system, params, num_particles),
             remaining=jnp.asarray(horizon - offsets, jnp.int32),
             needs_init=jnp.ones(num_groups, bool),
-            noise=jax.tree.map(lambda p: jnp.zeros((num_groups,) + p.shape, p.dtype),
-                               params),
+            noise=jax.tree.map(
+                lambda p: jnp.zeros((num_groups,) + p.shape, p.dtype), params
+            ),
             diagnostics=est.zero_diagnostics(),
         )
 

@@ -106,7 +106,7 @@ def unroll(
 
 
 def as_key(key: Any, name: str) -> PRNGKeyArray:
-    """Canonicalise an `int` seed, a raw `uint32[2]` key or a typed key to a typed key."""
+    """Canonicalise an int seed, a raw `uint32[2]` key or a typed key to a typed key."""
     if isinstance(key, bool):
         raise TypeError(f"{name} must be an int seed or a jax PRNG key, got a bool")
     if isinstance(key, int):

@@ -97,9 +97,14 @@ def tbptt(
             valid = valid & jnp.all(jnp.isfinite(g.reshape(num_particles, -1)), axis=1)
         count = jnp.maximum(jnp.sum(valid), 1)
         estimate = jax.tree.map(
-            lambda g: jnp.tensordot(valid.astype(g.dtype), jnp.where(
-                valid.reshape((-1,) + (1,) * (g.ndim - 1)), g, 0), axes=1)
-            / count.astype(g.dtype),
+            lambda g: (
+                jnp.tensordot(
+                    valid.astype(g.dtype),
+                    jnp.where(valid.reshape((-1,) + (1,) * (g.ndim - 1)), g, 0),
+                    axes=1,
+                )
+                / count.astype(g.dtype)
+            ),
             grads,
         )
         remaining, needs_init = est.next_episode_flags(result, valid, horizon)

@@ -29,10 +29,10 @@ def truncated_es(
     $$\hat g = \frac{1}{N \sigma^2} \sum_{i=1}^N L_i\, \epsilon_i ,$$
 
     the ES gradient of the window's loss **with the starting state held fixed**: the
-    effect of $\theta$ on $s$ is ignored, which biases the estimate towards short-horizon
-    behaviour (the PES paper's influence-balancing task shows it moving away from the
-    optimum). Each update also advances $s$ by $K$ steps at $\theta$, so it runs
-    $N + N/2$ trajectories (with antithetic pairs).
+    effect of $\theta$ on $s$ is ignored, which biases the estimate towards
+    short-horizon behaviour (the PES paper's influence-balancing task shows it moving
+    away from the optimum). Each update also advances $s$ by $K$ steps at $\theta$, so
+    it runs $N + N/2$ trajectories (with antithetic pairs).
 
     **Arguments:** as `optax_pes.pes`.
 
@@ -97,8 +97,9 @@ def truncated_es(
         valid = est.window_validity(result, members, num_groups)
         # Losses on both sides of a reset are credited to the window's noise alike.
         estimate = est.score_estimate(result, valid, signs, score, score)
-        centre = jax.tree.map(lambda x: x[(members - 1) * num_groups :],
-                              result.inner_state)
+        centre = jax.tree.map(
+            lambda x: x[(members - 1) * num_groups :], result.inner_state
+        )
         remaining, needs_init = est.next_episode_flags(result, valid, horizon)
         new_state = est.EstimatorState(
             count=state.count + 1,

@@ -1,4 +1,4 @@
-"""Bad input gets a clear error naming the argument; non-finite windows are contained."""
+"""Bad input: clear errors naming the argument; non-finite windows are contained."""
 
 import jax
 import jax.numpy as jnp
@@ -136,7 +136,7 @@ def test_traced_sigma_checked_at_update():
 
 
 def _exploding_system():
-    """Blows up to inf/NaN within a window when theta[0] > 1: a chaotic inner problem."""
+    """Blows up to inf/NaN within a window when theta[0] > 1 (a chaotic problem)."""
 
     def init(theta, key):
         return jnp.ones(2)

@@ -1,0 +1,66 @@
+"""Exact references for the statistical tests."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import optax_pes
+from optax_pes._estimator import stagger_offsets
+
+
+def summed_estimates(tx, theta, *, num_updates, num_replicates, seed=0):
+    """The sum of `num_updates` successive estimates, for independent replicates.
+
+    Every replicate starts from `tx.init(theta)` with its own PRNG key; returns a
+    pytree of float64 numpy arrays with a leading replicate axis.
+    """
+    state0 = tx.init(theta)
+    zeros = jax.tree.map(jnp.zeros_like, theta)
+
+    def run(key):
+        def body(state, _):
+            estimate, state = tx.update(zeros, state, theta)
+            return state, estimate
+
+        _, estimates = jax.lax.scan(
+            body, state0._replace(rng_key=key), None, length=num_updates
+        )
+        return jax.tree.map(lambda e: jnp.sum(e, axis=0), estimates)
+
+    keys = jax.random.split(jax.random.key(seed), num_replicates)
+    out = jax.jit(jax.vmap(run))(keys)
+    return jax.tree.map(lambda x: np.asarray(x, np.float64), out)
+
+
+def expected_sum(system, theta, *, num_groups, truncation_length, stagger, num_updates):
+    """E[sum of estimates] for an unbiased estimator, from the per-step gradients.
+
+    Group g's first episode is shortened by its stagger offset; after that, its
+    episodes have the full horizon. Each inner step it takes at episode time tau
+    contributes the gradient of the tau-th loss of a fresh episode.
+    """
+    horizon = system.horizon
+    per_step = jax.jacrev(lambda th: optax_pes.unroll(system, th))(theta)
+    offsets = stagger_offsets(num_groups, horizon, truncation_length, stagger)
+    counts = np.zeros(horizon)
+    for offset in offsets:
+        first = horizon - int(offset)
+        for step in range(num_updates * truncation_length):
+            counts[step if step < first else (step - first) % horizon] += 1
+    counts /= num_groups
+    return jax.tree.map(
+        lambda g: np.tensordot(counts, np.asarray(g, np.float64), axes=1), per_step
+    )
+
+
+def max_z_score(samples, expected):
+    """Largest |mean - expected| / standard error over all coordinates."""
+    flat_samples = np.concatenate(
+        [s.reshape(s.shape[0], -1) for s in jax.tree.leaves(samples)], axis=1
+    )
+    flat_expected = np.concatenate([np.ravel(e) for e in jax.tree.leaves(expected)])
+    mean = flat_samples.mean(0)
+    stderr = flat_samples.std(0, ddof=1) / np.sqrt(flat_samples.shape[0])
+    scale = np.abs(flat_expected).max()
+    stderr = np.maximum(stderr, 1e-9 * scale + 1e-300)  # tbptt has zero variance
+    return float(np.max(np.abs(mean - flat_expected) / stderr))

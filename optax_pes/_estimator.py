@@ -35,7 +35,7 @@ class EstimatorState(NamedTuple):
     remaining: jax.Array  # shape=(groups,), int32: steps left in each group's episode
     needs_init: jax.Array  # shape=(groups,), bool: group starts an episode next window
     noise: PyTree  # estimator-specific: PES accumulated scores, NRES episode noise
-    diagnostics: Diagnostics
+    diagnostics: Diagnostics  # what the last update saw, for logging
 
 
 def zero_diagnostics() -> Diagnostics:

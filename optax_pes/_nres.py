@@ -53,8 +53,8 @@ def nres(
 
     ```
 
-    **References:** Li, Vicol, Sohl-Dickstein, Metz, Sacks, Paris, Grosse,
-    *Noise-Reuse in Online Evolution Strategies*, NeurIPS 2023,
+    **References:** Li, Harrison, Sohl-Dickstein, Smith, Metz, *Variance-Reduced
+    Gradient Estimation via Noise-Reuse in Online Evolution Strategies*, NeurIPS 2023,
     <https://arxiv.org/abs/2304.12180>.
     """
     est.check_system(system)

@@ -78,7 +78,7 @@ class UnrolledSystem(eqx.Module):
 def unroll(
     system: UnrolledSystem, theta: PyTree, key: PRNGKeyArray | int = 0
 ) -> Float[Array, " horizon"]:
-    """Run one full episode of `system` at `theta` and return its `horizon` losses.
+    r"""Run one full episode of `system` at `theta` and return its `horizon` losses.
 
     `jnp.sum(unroll(system, theta))` is the episode loss $L(\theta)$ whose gradient
     the unbiased estimators estimate; `jax.grad` of it is the exact reference (and

@@ -1,0 +1,291 @@
+r"""How a DEQ differentiates through its fixed point: SHINE and its alternatives.
+
+With $z^* = f(z^*, x)$ and an incoming cotangent $\bar z$, the exact (implicit)
+gradient w.r.t. $f$'s parameters and $x$ is the VJP of $f$ at $z^*$ with
+
+$$w = (I - J_f^\top)^{-1} \bar z = -J_g^{-\top} \bar z, \qquad g = f - I .$$
+
+Every adjoint returns the layer's output as one more application of $f$ at the
+(stop-gradient) fixed point, $f(z^*, x)$, so the parameters' cotangent always comes
+from an ordinary, batched VJP of $f$; the adjoints that estimate $w$ (`Shine`,
+`Implicit`) place a custom-VJP identity on that output which turns $\bar z$ into $w$.
+Under `jax.vmap` the per-sample work is then only the $w$ solve, and $f$'s VJP is the
+one batched VJP a backward pass must pay.
+"""
+
+import abc
+from typing import Any, Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import lineax as lx
+from jax.flatten_util import ravel_pytree
+from jaxtyping import Array, Float, PyTree
+
+from optax_pes._solvers import AbstractSolver, LowRankInverse
+
+LayerFn = Any  # Callable[[z_flat], z_flat]: f(z, x) on flat vectors
+
+
+def flat_layer(fn: Any, x: Any, z_like: PyTree) -> tuple[LayerFn, Array, Any]:
+    """`f(., x)` on the flattened state, the flat `z_like` and its unravel function."""
+    z_flat, unravel = ravel_pytree(z_like)
+
+    def layer(z: Float[Array, " d"]) -> Float[Array, " d"]:
+        return ravel_pytree(fn(unravel(z), x))[0]
+
+    return layer, z_flat, unravel
+
+
+def stop_gradient(tree: Any) -> Any:
+    """`lax.stop_gradient` on every array leaf, other leaves untouched."""
+    return jax.tree.map(
+        lambda a: jax.lax.stop_gradient(a) if eqx.is_array(a) else a, tree
+    )
+
+
+class AbstractAdjoint(eqx.Module):
+    """How a `DEQ` computes its output's derivative at the fixed point."""
+
+    needs_inverse: eqx.AbstractClassVar[bool]
+
+    @abc.abstractmethod
+    def output(
+        self, fn: Any, x: Any, z_star: PyTree, inverse: LowRankInverse | None
+    ) -> PyTree:
+        """The layer's differentiable output given the fixed point `z_star`.
+
+        Differentiable w.r.t. `fn`'s parameters and `x`; `z_star` is stop-gradient.
+        """
+
+    def check_solver(self, solver: AbstractSolver) -> None:
+        if self.needs_inverse and not solver.provides_inverse:
+            raise ValueError(
+                f"adjoint={type(self).__name__}() reuses the forward solver's inverse "
+                f"estimate, which solver={type(solver).__name__} does not provide: use "
+                "optax_pes.Broyden, or adjoint=Implicit()/JacobianFree()/Phantom()"
+            )
+
+
+class JacobianFree(AbstractAdjoint):
+    r"""Jacobian-free backprop (Fung et al., 2022): $w = \bar z$, i.e. $J_f \approx 0$.
+
+    The cheapest backward pass (one VJP of $f$ at $z^*$); a descent direction for
+    contractive layers but not the gradient.
+    """
+
+    needs_inverse = False
+
+    def output(self, fn, x, z_star, inverse):
+        return fn(z_star, x)
+
+
+class Phantom(AbstractAdjoint):
+    r"""Phantom gradients (Geng et al., 2021): backprop through `k` damped steps.
+
+    The output is $z_k$ with $z_0 = z^*$ and
+    $z_{i+1} = (1 - \lambda) z_i + \lambda f(z_i, x)$, differentiated as an ordinary
+    unrolled computation: $k$ VJPs of $f$.
+
+    **Arguments:** `k` ($\geq 1$) steps; `damping` $\lambda \in (0, 1]$.
+    """
+
+    k: int = eqx.field(static=True, default=5)
+    damping: float = eqx.field(static=True, default=0.5)
+    needs_inverse = False
+
+    def __check_init__(self):
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"k must be an int >= 1, got {self.k!r}")
+        if not isinstance(self.damping, (int, float)) or not 0 < self.damping <= 1:
+            raise ValueError(f"damping must be a float in (0, 1], got {self.damping!r}")
+
+    def output(self, fn, x, z_star, inverse):
+        z = z_star
+        for _ in range(self.k):
+            z = jax.tree.map(
+                lambda a, b: (1 - self.damping) * a + self.damping * b, z, fn(z, x)
+            )
+        return z
+
+
+class _AbstractCotangentAdjoint(AbstractAdjoint):
+    """An adjoint that maps the output cotangent to $w$, then takes $f$'s VJP."""
+
+    @abc.abstractmethod
+    def cotangent(
+        self,
+        layer: LayerFn,
+        z_star: Float[Array, " d"],
+        inverse: LowRankInverse | None,
+        grad: Float[Array, " d"],
+    ) -> Float[Array, " d"]:
+        """$w$ from the flat cotangent `grad` (all inputs are stop-gradient)."""
+
+    def output(self, fn, x, z_star, inverse):
+        residuals = (stop_gradient(fn), stop_gradient(x), z_star, inverse)
+        return _with_cotangent_map(fn(z_star, x), residuals, self)
+
+
+class Shine(_AbstractCotangentAdjoint):
+    r"""SHINE (Ramzi et al., 2022): reuse the forward Broyden inverse, transposed.
+
+    $w = -B^{-\top} \bar z = \bar z - V^\top (U \bar z)$ with the solver's low-rank
+    $B^{-1} = -I + U^\top V$: $O(\text{memory} \times d)$ and no extra evaluation of
+    $f$. `refine_steps > 0` then refines it with one GMRES cycle of that many
+    Krylov steps on $(I - J_f^\top) w = \bar z$ started from the SHINE estimate
+    (seeded with the transpose, not with $B^{-1}$ as in the official code): at least
+    as accurate as as many iterations of $w \leftarrow \bar z + J_f^\top w$, and
+    fine for non-contractive layers. `fallback=True` replaces
+    $w$ by $\bar z$ (Jacobian-free) for a sample whose
+    $\|w\| > \text{fallback\_threshold} \, \|\bar z\|$. A non-finite $w$ always falls
+    back. Needs a solver that provides an inverse estimate (`optax_pes.Broyden`).
+
+    **Arguments:** `refine_steps` ($\geq 0$), `fallback`, `fallback_threshold` ($> 0$).
+
+    **References:** Ramzi, Mannel, Bai, Starck, Ciuciu, Moreau, *SHINE: SHaring the
+    INverse Estimate from the forward pass for bi-level optimization and implicit
+    models*, ICLR 2022, <https://arxiv.org/abs/2106.00553>.
+    """
+
+    refine_steps: int = eqx.field(static=True, default=0)
+    fallback: bool = eqx.field(static=True, default=False)
+    fallback_threshold: float = eqx.field(static=True, default=1.8)
+    needs_inverse = True
+
+    def __check_init__(self):
+        if (
+            isinstance(self.refine_steps, bool)
+            or not isinstance(self.refine_steps, int)
+            or self.refine_steps < 0
+        ):
+            raise ValueError(
+                f"refine_steps must be an int >= 0, got {self.refine_steps!r}"
+            )
+        if not isinstance(self.fallback_threshold, (int, float)) or not (
+            self.fallback_threshold > 0
+        ):
+            raise ValueError(
+                "fallback_threshold must be a positive float, got "
+                f"{self.fallback_threshold!r}"
+            )
+
+    def cotangent(self, layer, z_star, inverse, grad):
+        w = -inverse.rmv(grad)
+        if self.fallback:
+            too_big = jnp.linalg.norm(w) > self.fallback_threshold * jnp.linalg.norm(
+                grad
+            )
+            w = jnp.where(too_big, grad, w)
+        if self.refine_steps:
+            # One GMRES cycle of `refine_steps` Krylov directions around the SHINE
+            # estimate: never worse than as many fixed-point steps, and it does not
+            # need a contractive layer.
+            # (lineax's first GMRES pass only computes the residual of y0.)
+            solver = lx.GMRES(
+                rtol=0.0, atol=0.0, max_steps=2, restart=self.refine_steps
+            )
+            w = _solve_transposed(layer, z_star, grad, solver, w)
+        return w
+
+
+class Implicit(_AbstractCotangentAdjoint):
+    r"""The exact implicit gradient: solve $(I - J_f^\top) w = \bar z$ to tolerance.
+
+    The reference the other adjoints approximate. `linear_solver="gmres"` (default)
+    uses lineax's GMRES on the matrix-free operator; `"fixed_point"` iterates
+    $w \leftarrow \bar z + J_f^\top w$ (converges for contractive $f$); any
+    `lineax.AbstractLinearSolver` may be given. A solve that fails (non-finite $w$)
+    falls back to $w = \bar z$, so gradients stay finite.
+
+    **Arguments:** `max_steps` and `tol` of the linear solve; `linear_solver`.
+    """
+
+    max_steps: int = eqx.field(static=True, default=100)
+    tol: float = eqx.field(static=True, default=1e-6)
+    linear_solver: Literal["gmres", "fixed_point"] | lx.AbstractLinearSolver = "gmres"
+    needs_inverse = False
+
+    def __check_init__(self):
+        if (
+            isinstance(self.max_steps, bool)
+            or not isinstance(self.max_steps, int)
+            or self.max_steps <= 0
+        ):
+            raise ValueError(
+                f"max_steps must be a positive int, got {self.max_steps!r}"
+            )
+        if not isinstance(self.tol, (int, float)) or not self.tol > 0:
+            raise ValueError(f"tol must be a positive float, got {self.tol!r}")
+        if not (
+            self.linear_solver in ("gmres", "fixed_point")
+            or isinstance(self.linear_solver, lx.AbstractLinearSolver)
+        ):
+            raise ValueError(
+                "linear_solver must be 'gmres', 'fixed_point' or a "
+                f"lineax.AbstractLinearSolver, got {self.linear_solver!r}"
+            )
+
+    def cotangent(self, layer, z_star, inverse, grad):
+        _, vjp = jax.vjp(layer, z_star)
+        if self.linear_solver == "fixed_point":
+
+            def cond(c):
+                i, w, delta = c
+                return (i < self.max_steps) & (delta > self.tol * jnp.linalg.norm(w))
+
+            def body(c):
+                i, w, _ = c
+                new = grad + vjp(w)[0]
+                return i + 1, new, jnp.linalg.norm(new - w)
+
+            inf = jnp.asarray(jnp.inf, grad.dtype)
+            return jax.lax.while_loop(cond, body, (0, grad, inf))[1]
+        solver = self.linear_solver
+        if isinstance(solver, str):
+            solver = lx.GMRES(
+                rtol=self.tol, atol=self.tol, max_steps=self.max_steps, restart=30
+            )
+        return _solve_transposed(layer, z_star, grad, solver, None)
+
+
+def _solve_transposed(layer, z_star, grad, solver, y0):
+    """Solve $(I - J_f^\top) w = \bar z$ with a lineax solver (not raising)."""
+    _, vjp = jax.vjp(layer, z_star)
+    operator = lx.FunctionLinearOperator(
+        lambda w: w - vjp(w)[0], jax.ShapeDtypeStruct(grad.shape, grad.dtype)
+    )
+    options = {} if y0 is None else {"y0": y0}
+    return lx.linear_solve(operator, grad, solver, options=options, throw=False).value
+
+
+@eqx.filter_custom_vjp
+def _with_cotangent_map(out, residuals, adjoint):
+    """Identity whose backward pass maps the cotangent zbar to the adjoint's w."""
+    del residuals, adjoint
+    return out
+
+
+@_with_cotangent_map.def_fwd
+def _with_cotangent_map_fwd(perturbed, out, residuals, adjoint):
+    del perturbed, residuals, adjoint
+    return out, None
+
+
+@_with_cotangent_map.def_bwd
+def _with_cotangent_map_bwd(_, grad, perturbed, out, residuals, adjoint):
+    del perturbed, out
+    fn, x, z_star, inverse = residuals
+    # Leaves of the output that were not differentiated come as None: zeros.
+    grad = jax.tree.map(
+        lambda g, z: jnp.zeros_like(z) if g is None else g,
+        grad,
+        z_star,
+        is_leaf=lambda g: g is None,
+    )
+    layer, z_flat, unravel = flat_layer(fn, x, z_star)
+    grad_flat = ravel_pytree(grad)[0]
+    w = adjoint.cotangent(layer, z_flat, inverse, grad_flat)
+    w = jnp.where(jnp.all(jnp.isfinite(w)), w, grad_flat)
+    return unravel(w)

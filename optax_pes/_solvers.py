@@ -1,0 +1,334 @@
+"""Fixed-point solvers for `optax_pes.DEQ`: Broyden, Anderson and damped iteration.
+
+Every solver works on one sample with a flat state vector `z` (the DEQ flattens any
+pytree), solving `g(z) = fn(z) - z = 0`. They share one driver, `solve`, which keeps
+the lowest-residual iterate and stops on tolerance, stagnation or divergence.
+"""
+
+import abc
+from typing import Any, ClassVar, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+FlatFn = Any  # Callable[[Float[Array, " d"]], Float[Array, " d"]]
+
+# Stop when the best residual has not improved for this many steps...
+_STAGNATION_STEPS = 10
+# ...or when the residual exceeds this multiple of the initial one (divergence).
+_DIVERGENCE_FACTOR = 1e4
+
+
+class SolveInfo(NamedTuple):
+    """Convergence statistics of a fixed-point solve (stop-gradient)."""
+
+    steps: Int[Array, ""]  # iterations taken
+    residual: Float[Array, ""]  # |fn(z*) - z*| of the returned iterate
+    relative_residual: Float[Array, ""]  # residual / |z*|
+    converged: Bool[Array, ""]  # residual <= tol or relative_residual <= tol
+
+
+class LowRankInverse(eqx.Module):
+    r"""Broyden's inverse-Jacobian estimate $B^{-1} = -I + U^\top V$ of $g = f - I$.
+
+    `u` and `v` hold one update per row (unused rows are zero); applying it, or its
+    transpose, costs $O(\text{memory} \times d)$.
+    """
+
+    u: Float[Array, "memory d"]
+    v: Float[Array, "memory d"]
+
+    def mv(self, x: Float[Array, " d"]) -> Float[Array, " d"]:
+        """$B^{-1} x$."""
+        return -x + self.u.T @ (self.v @ x)
+
+    def rmv(self, x: Float[Array, " d"]) -> Float[Array, " d"]:
+        r"""$B^{-\top} x$."""
+        return -x + self.v.T @ (self.u @ x)
+
+    def as_matrix(self) -> Float[Array, "d d"]:
+        """The dense estimate (for tests and small problems)."""
+        d = self.u.shape[1]
+        return -jnp.eye(d, dtype=self.u.dtype) + self.u.T @ self.v
+
+
+def _check_common(max_steps: Any, tol: Any) -> None:
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps <= 0:
+        raise ValueError(f"max_steps must be a positive int, got {max_steps!r}")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
+        raise ValueError(f"tol must be a positive float, got {tol!r}")
+
+
+def _check_memory(memory: Any) -> None:
+    if isinstance(memory, bool) or not isinstance(memory, int) or memory <= 0:
+        raise ValueError(f"memory must be a positive int, got {memory!r}")
+
+
+def _check_damping(damping: Any) -> None:
+    if not isinstance(damping, (int, float)) or not 0 < damping <= 1:
+        raise ValueError(f"damping must be a float in (0, 1], got {damping!r}")
+
+
+class AbstractSolver(eqx.Module):
+    """A fixed-point solver: `init` and `step` on a solver state holding `z`, `g`."""
+
+    max_steps: eqx.AbstractVar[int]
+    tol: eqx.AbstractVar[float]
+    provides_inverse: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def init(self, fn: FlatFn, z0: Float[Array, " d"]) -> Any:
+        """The state at `z0`; must have fields `z` and `g = fn(z) - z`."""
+
+    @abc.abstractmethod
+    def step(self, fn: FlatFn, state: Any) -> Any:
+        """One iteration."""
+
+    def inverse(self, state: Any) -> LowRankInverse | None:
+        """The inverse-Jacobian estimate the backward pass may reuse (or None)."""
+        return None
+
+
+class _Driver(NamedTuple):
+    state: Any
+    best_z: Array
+    best_res: Array
+    first_res: Array
+    steps: Array
+    stall: Array
+    done: Array
+
+
+def _converged(res, z, tol):
+    return (res <= tol) | (res <= tol * jnp.linalg.norm(z))
+
+
+def solve(
+    solver: AbstractSolver, fn: FlatFn, z0: Float[Array, " d"]
+) -> tuple[Float[Array, " d"], SolveInfo, LowRankInverse | None]:
+    """Run `solver` on `fn` from `z0`; return the lowest-residual iterate.
+
+    Not differentiable (call it on stop-gradient inputs): the DEQ's adjoints define
+    the derivative.
+    """
+    state = solver.init(fn, z0)
+    res0 = jnp.linalg.norm(state.g)
+    carry = _Driver(
+        state=state,
+        best_z=state.z,
+        best_res=res0,
+        first_res=res0,
+        steps=jnp.zeros((), jnp.int32),
+        stall=jnp.zeros((), jnp.int32),
+        done=_converged(res0, state.z, solver.tol) | ~jnp.isfinite(res0),
+    )
+
+    def cond(c: _Driver):
+        return ~c.done & (c.steps < solver.max_steps)
+
+    def body(c: _Driver):
+        state = solver.step(fn, c.state)
+        res = jnp.linalg.norm(state.g)
+        finite = jnp.isfinite(res)
+        better = finite & (res < c.best_res)
+        improved = finite & (res < (1 - 1e-3) * c.best_res)
+        best_z = jnp.where(better, state.z, c.best_z)
+        best_res = jnp.where(better, res, c.best_res)
+        stall = jnp.where(improved, 0, c.stall + 1)
+        done = (
+            _converged(best_res, best_z, solver.tol)
+            | ~finite
+            | (res > _DIVERGENCE_FACTOR * c.first_res)
+            | (stall >= _STAGNATION_STEPS)
+        )
+        return _Driver(state, best_z, best_res, c.first_res, c.steps + 1, stall, done)
+
+    carry = jax.lax.while_loop(cond, body, carry)
+    norm_z = jnp.linalg.norm(carry.best_z)
+    info = SolveInfo(
+        steps=carry.steps,
+        residual=carry.best_res,
+        relative_residual=carry.best_res
+        / jnp.maximum(norm_z, jnp.finfo(z0.dtype).tiny),
+        converged=_converged(carry.best_res, carry.best_z, solver.tol),
+    )
+    return carry.best_z, info, solver.inverse(carry.state)
+
+
+# ---------------------------------------------------------------------- Broyden ----
+
+
+class _BroydenState(NamedTuple):
+    z: Array
+    g: Array
+    u: Array  # (memory, d)
+    v: Array  # (memory, d)
+    index: Array  # next slot to write
+
+
+class Broyden(AbstractSolver):
+    r"""Good Broyden's method with a low-rank inverse kept in fixed-size buffers.
+
+    Solves $g(z) = f(z) - z = 0$ with steps $z \leftarrow z - B^{-1} g(z)$ and the
+    inverse form of the "good" Broyden update, starting from $B^{-1} = -I$ (so the
+    first step is a plain fixed-point step):
+
+    $$v^\top = \Delta z^\top B^{-1}, \qquad
+      u = \frac{\Delta z - B^{-1} \Delta g}{\Delta z^\top B^{-1} \Delta g}, \qquad
+      B^{-1} \leftarrow B^{-1} + u v^\top .$$
+
+    The $(u, v)$ pairs live in circular buffers of `memory` rows (the oldest is
+    overwritten; memory does not grow with the steps). A near-zero denominator skips
+    the update. The solve returns the lowest-residual iterate and hands the final
+    $B^{-1}$ to the backward pass (`optax_pes.Shine`).
+
+    **Arguments:**
+
+    - `max_steps`: the most iterations.
+    - `tol`: stop when $\|g(z)\| \le$ `tol` or $\|g(z)\| \le$ `tol` $\|z\|$.
+    - `memory`: rows of the low-rank buffers.
+
+    Also stops when the best residual has not improved for 10 steps (stagnation)
+    or the residual grows 10^4-fold (divergence); `info.converged` tells.
+    """
+
+    max_steps: int = eqx.field(static=True, default=30)
+    tol: float = eqx.field(static=True, default=1e-5)
+    memory: int = eqx.field(static=True, default=30)
+    provides_inverse: ClassVar[bool] = True
+
+    def __check_init__(self):
+        _check_common(self.max_steps, self.tol)
+        _check_memory(self.memory)
+
+    def init(self, fn, z0):
+        zeros = jnp.zeros((self.memory,) + z0.shape, z0.dtype)
+        return _BroydenState(z0, fn(z0) - z0, zeros, zeros, jnp.zeros((), jnp.int32))
+
+    def step(self, fn, state):
+        inv = LowRankInverse(state.u, state.v)
+        dz = -inv.mv(state.g)
+        z = state.z + dz
+        g = fn(z) - z
+        dg = g - state.g
+        inv_dg = inv.mv(dg)
+        v = inv.rmv(dz)
+        denom = jnp.dot(dz, inv_dg)
+        tiny = jnp.finfo(z.dtype).eps * jnp.linalg.norm(dz) * jnp.linalg.norm(inv_dg)
+        ok = jnp.isfinite(denom) & (jnp.abs(denom) > tiny) & jnp.all(jnp.isfinite(g))
+        u = jnp.where(ok, (dz - inv_dg) / jnp.where(ok, denom, 1), 0)
+        v = jnp.where(ok, v, 0)
+        slot = state.index % self.memory
+        return _BroydenState(
+            z,
+            g,
+            state.u.at[slot].set(u),
+            state.v.at[slot].set(v),
+            state.index + ok.astype(jnp.int32),
+        )
+
+    def inverse(self, state):
+        return LowRankInverse(state.u, state.v)
+
+
+# --------------------------------------------------------------------- Anderson ----
+
+
+class _AndersonState(NamedTuple):
+    z: Array
+    g: Array
+    xs: Array  # (memory, d) past iterates
+    fs: Array  # (memory, d) fn at them
+    count: Array
+
+
+class Anderson(AbstractSolver):
+    r"""Anderson acceleration (type II) with a ridge-regularised mixing problem.
+
+    Keeps the last `memory` iterates $z_i$ and values $f(z_i)$; the next iterate is
+    $\beta \sum_i \alpha_i f(z_i) + (1 - \beta) \sum_i \alpha_i z_i$ with $\alpha$
+    minimising $\|\sum_i \alpha_i (f(z_i) - z_i)\|^2 + \lambda \|\alpha\|^2$ subject to
+    $\sum_i \alpha_i = 1$. Provides no inverse estimate (use it with
+    `optax_pes.Implicit`, `JacobianFree` or `Phantom`).
+
+    **Arguments:** `max_steps`, `tol` as `optax_pes.Broyden`; `memory` the history
+    length; `damping` $\beta \in (0, 1]$; `ridge` $\lambda \ge 0$.
+    """
+
+    max_steps: int = eqx.field(static=True, default=30)
+    tol: float = eqx.field(static=True, default=1e-5)
+    memory: int = eqx.field(static=True, default=5)
+    damping: float = eqx.field(static=True, default=1.0)
+    ridge: float = eqx.field(static=True, default=1e-4)
+
+    def __check_init__(self):
+        _check_common(self.max_steps, self.tol)
+        _check_memory(self.memory)
+        _check_damping(self.damping)
+        if not isinstance(self.ridge, (int, float)) or self.ridge < 0:
+            raise ValueError(f"ridge must be a float >= 0, got {self.ridge!r}")
+
+    def init(self, fn, z0):
+        f0 = fn(z0)
+        xs = jnp.zeros((self.memory,) + z0.shape, z0.dtype).at[0].set(z0)
+        fs = jnp.zeros((self.memory,) + z0.shape, z0.dtype).at[0].set(f0)
+        return _AndersonState(z0, f0 - z0, xs, fs, jnp.ones((), jnp.int32))
+
+    def step(self, fn, state):
+        m = self.memory
+        used = (jnp.arange(m) < state.count).astype(state.z.dtype)
+        gs = (state.fs - state.xs) * used[:, None]
+        gram = gs @ gs.T
+        scale = jnp.maximum(jnp.max(jnp.diagonal(gram)), jnp.finfo(gram.dtype).tiny)
+        gram = gram / scale + self.ridge * jnp.eye(m, dtype=gram.dtype)
+        gram = gram * used[:, None] * used[None, :] + jnp.diag(1 - used)
+        h = jnp.block(
+            [[jnp.zeros((1, 1), gram.dtype), used[None, :]], [used[:, None], gram]]
+        )
+        rhs = jnp.zeros(m + 1, gram.dtype).at[0].set(1)
+        alpha = jnp.linalg.solve(h, rhs)[1:]
+        alpha = jnp.where(jnp.all(jnp.isfinite(alpha)), alpha, used / jnp.sum(used))
+        z = self.damping * (alpha @ state.fs) + (1 - self.damping) * (alpha @ state.xs)
+        f = fn(z)
+        slot = state.count % m
+        return _AndersonState(
+            z,
+            f - z,
+            state.xs.at[slot].set(z),
+            state.fs.at[slot].set(f),
+            state.count + 1,
+        )
+
+
+# ------------------------------------------------------------------ fixed point ----
+
+
+class _FixedPointState(NamedTuple):
+    z: Array
+    g: Array
+
+
+class FixedPoint(AbstractSolver):
+    r"""Damped fixed-point iteration $z \leftarrow z + \beta (f(z) - z)$.
+
+    Converges when $f$ is a contraction (for $\beta = 1$). No inverse estimate.
+
+    **Arguments:** `max_steps`, `tol` as `optax_pes.Broyden`; `damping` $\beta$.
+    """
+
+    max_steps: int = eqx.field(static=True, default=100)
+    tol: float = eqx.field(static=True, default=1e-5)
+    damping: float = eqx.field(static=True, default=1.0)
+
+    def __check_init__(self):
+        _check_common(self.max_steps, self.tol)
+        _check_damping(self.damping)
+
+    def init(self, fn, z0):
+        return _FixedPointState(z0, fn(z0) - z0)
+
+    def step(self, fn, state):
+        z = state.z + self.damping * state.g
+        return _FixedPointState(z, fn(z) - z)

@@ -1,0 +1,372 @@
+"""DEQ gradients against the exact implicit gradient, SHINE's pitfalls, bad input."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import optax_pes
+from optax_pes._adjoints import flat_layer
+from optax_pes._solvers import solve
+
+
+class Layer(eqx.Module):
+    weight: jax.Array
+    mix: jax.Array
+    bias: jax.Array
+
+    def __call__(self, z, x):
+        return jnp.tanh(self.weight @ z + self.mix @ x + self.bias)
+
+
+def random_layer(key, dim=8, norm=0.9, symmetric=False):
+    """A tanh layer whose weight has spectral norm `norm` (< 1: contractive)."""
+    k1, k2, k3 = jax.random.split(key, 3)
+    weight = jax.random.normal(k1, (dim, dim))
+    if symmetric:
+        weight = weight + weight.T
+    weight = norm * weight / jnp.linalg.norm(weight, 2)
+    mix = jax.random.normal(k2, (dim, dim)) / np.sqrt(dim)
+    return Layer(weight, mix, 0.1 * jax.random.normal(k3, (dim,)))
+
+
+def exact_gradients(layer, x, cotangent):
+    """d <cotangent, z*> / d(layer, x) from a tight solve and a dense linear solve."""
+    deq = optax_pes.DEQ(
+        layer,
+        solver=optax_pes.Broyden(max_steps=200, tol=1e-12, memory=200),
+        adjoint=optax_pes.JacobianFree(),
+    )
+    z_star, info = deq.solve(x, jnp.zeros_like(cotangent))
+    assert info.converged
+    z_star = jax.lax.stop_gradient(z_star)
+    jac = jax.jacobian(layer)(z_star, x)
+    w = jnp.linalg.solve((jnp.eye(z_star.size) - jac).T, cotangent)
+    return eqx.filter_grad(lambda lx: jnp.vdot(w, lx[0](z_star, lx[1])))((layer, x))
+
+
+def deq_gradients(layer, x, cotangent, adjoint, solver=None):
+    deq = optax_pes.DEQ(layer, solver=solver, adjoint=adjoint)
+    z0 = jnp.zeros_like(cotangent)
+    grads = eqx.filter_grad(lambda dx: jnp.vdot(cotangent, dx[0](dx[1], z0)))((deq, x))
+    return grads[0].fn, grads[1]
+
+
+def _flat(tree):
+    return jnp.concatenate([jnp.ravel(a) for a in jax.tree.leaves(tree)])
+
+
+def cosine(a, b):
+    a, b = _flat(a), _flat(b)
+    return float(a @ b / (jnp.linalg.norm(a) * jnp.linalg.norm(b)))
+
+
+def _problem(seed, **kwargs):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    layer = random_layer(keys[0], **kwargs)
+    return layer, jax.random.normal(keys[1], (8,)), jax.random.normal(keys[2], (8,))
+
+
+SEEDS = range(5)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_implicit_and_refined_shine_match_the_exact_gradient(seed, x64):
+    layer, x, cotangent = _problem(seed)
+    ref_layer, ref_x = exact_gradients(layer, x, cotangent)
+    solver = optax_pes.Broyden(max_steps=30, tol=1e-6, memory=30)
+    for adjoint, bound in [
+        (optax_pes.Implicit(), 0.9999),
+        (optax_pes.Implicit(linear_solver="fixed_point", max_steps=500), 0.9999),
+        (optax_pes.Shine(refine_steps=5), 0.999),
+    ]:
+        g_layer, g_x = deq_gradients(layer, x, cotangent, adjoint, solver)
+        assert cosine(g_layer, ref_layer) > bound, adjoint
+        assert cosine(g_x, ref_x) > bound, adjoint
+
+
+def test_shine_at_least_as_close_as_jacobian_free_on_average(x64):
+    shine, jfb = [], []
+    for seed in SEEDS:
+        layer, x, cotangent = _problem(seed)
+        ref = exact_gradients(layer, x, cotangent)
+        shine.append(cosine(deq_gradients(layer, x, cotangent, optax_pes.Shine()), ref))
+        jfb.append(
+            cosine(deq_gradients(layer, x, cotangent, optax_pes.JacobianFree()), ref)
+        )
+    assert np.mean(shine) >= np.mean(jfb)
+    assert np.mean(shine) > 0.95
+
+
+def test_non_contractive_layer_solved_by_broyden(x64):
+    # Spectral norm 1.3: plain iteration is not guaranteed to converge; Broyden is.
+    layer, x, cotangent = _problem(7, norm=1.3)
+    ref = exact_gradients(layer, x, cotangent)
+    solver = optax_pes.Broyden(60, 1e-8, 60)
+    assert bool(optax_pes.DEQ(layer, solver=solver).solve(x, jnp.zeros(8))[1].converged)
+    implicit = deq_gradients(layer, x, cotangent, optax_pes.Implicit(), solver)
+    assert cosine(implicit, ref) > 0.9999
+    # GMRES refinement does not need a contraction (fixed-point refinement would).
+    refined = deq_gradients(
+        layer, x, cotangent, optax_pes.Shine(refine_steps=5), solver
+    )
+    jfb = deq_gradients(layer, x, cotangent, optax_pes.JacobianFree(), solver)
+    assert cosine(refined, ref) > max(0.99, cosine(jfb, ref))
+
+
+class Linear(eqx.Module):
+    matrix: jax.Array
+
+    def __call__(self, z, x):
+        return self.matrix @ z + x
+
+
+def _broyden_on_linear(a, x, max_steps, memory=None):
+    solver = optax_pes.Broyden(max_steps, 1e-12, memory or max_steps)
+    layer = lambda z: a @ z + x  # noqa: E731
+    state = solver.init(layer, jnp.zeros_like(x))
+    steps = []
+    for _ in range(max_steps):
+        new = solver.step(layer, state)
+        steps.append((new.z - state.z, new.g - state.g))
+        state = new
+    return solver.inverse(state), steps
+
+
+def test_shine_applies_the_inverse_transposed(x64):
+    """Non-symmetric Jacobian: SHINE's w is -B^-T zbar, not -B^-1 zbar (official code).
+
+    Broyden's B^-1 is exact only along the directions it explored, so the transposed
+    estimate must be closer to the exact gradient, and the one SHINE returns.
+    """
+    dim = 6
+    a = jnp.triu(jax.random.normal(jax.random.key(0), (dim, dim)), 1) * 0.6
+    a = a + 0.3 * jnp.eye(dim)  # non-symmetric, spectral radius 0.3
+    x = jax.random.normal(jax.random.key(1), (dim,))
+    cotangent = jax.random.normal(jax.random.key(2), (dim,))
+    solver = optax_pes.Broyden(max_steps=4, tol=1e-12, memory=4)
+    _, g_x = deq_gradients(Linear(a), x, cotangent, optax_pes.Shine(), solver)
+    inverse, _ = _broyden_on_linear(a, x, 4)
+    transposed = -inverse.as_matrix().T @ cotangent
+    untransposed = -inverse.as_matrix() @ cotangent
+    exact = jnp.linalg.solve((jnp.eye(dim) - a).T, cotangent)  # d<c, z*>/dx
+    np.testing.assert_allclose(g_x, transposed, rtol=1e-8)
+    assert cosine(transposed, untransposed) < 0.99  # the two really differ here
+    assert cosine(transposed, exact) > cosine(untransposed, exact)
+
+
+def test_broyden_inverse_matches_true_inverse_along_explored_directions(x64):
+    """The estimate satisfies its last secant equation, and along the directions it
+    explored last it is much closer to the true inverse than its initial guess -I."""
+    dim = 10
+    a = 0.5 * jax.random.normal(jax.random.key(3), (dim, dim)) / np.sqrt(dim)
+    x = jax.random.normal(jax.random.key(4), (dim,))
+    inverse, steps = _broyden_on_linear(a, x, 6)
+    inverse = inverse.as_matrix()
+    true_inverse = jnp.linalg.inv(a - jnp.eye(dim))
+    dz, dg = steps[-1]
+    np.testing.assert_allclose(inverse @ dg, dz, rtol=1e-8, atol=1e-12)
+    for _, dg in steps[-3:]:  # the recent directions (older ones get overwritten)
+        error = jnp.linalg.norm((inverse - true_inverse) @ dg)
+        error0 = jnp.linalg.norm((-jnp.eye(dim) - true_inverse) @ dg)
+        assert error < 0.5 * error0
+
+
+def test_broyden_memory_is_fixed_size():
+    layer, x, _ = _problem(0)
+    solver = optax_pes.Broyden(max_steps=40, tol=1e-14, memory=3)
+    fn, z0, _ = flat_layer(layer, x, jnp.zeros(8))
+    _, info, inverse = solve(solver, fn, z0)
+    assert inverse.u.shape == (3, 8) and inverse.v.shape == (3, 8)
+    assert int(info.steps) > 3  # the buffers wrapped around
+
+
+class Scaled(eqx.Module):
+    """z <- s z + x with a per-sample contraction s = x[0] (J = s I)."""
+
+    def __call__(self, z, x):
+        return x[0] * z + x
+
+
+def test_fallback_triggers_per_sample_and_equals_jacobian_free(x64):
+    # Sample 0: s = 0.9, exact w = 10 zbar: |w| > 1.8 |zbar| -> falls back to JFB.
+    # Sample 1: s = 0.1, exact w = 1.11 zbar: SHINE is kept.
+    xs = jnp.array([[0.9, 1.0, -1.0], [0.1, 0.5, 2.0]])
+    cotangent = jnp.array([1.0, -2.0, 0.5])
+
+    def grads(adjoint):
+        deq = optax_pes.DEQ(
+            Scaled(), solver=optax_pes.Broyden(50, 1e-10, 50), adjoint=adjoint
+        )
+
+        def loss(x):
+            return jnp.vdot(cotangent, deq(x, jnp.zeros(3)))
+
+        return jax.vmap(jax.grad(loss))(xs)
+
+    fallback = grads(optax_pes.Shine(fallback=True))
+    shine = grads(optax_pes.Shine())
+    jfb = grads(optax_pes.JacobianFree())
+    np.testing.assert_allclose(fallback[0], jfb[0], rtol=1e-10)
+    np.testing.assert_allclose(fallback[1], shine[1], rtol=1e-10)
+    assert not np.allclose(shine[0], jfb[0])
+
+
+# SHINE's inverse depends on the solver's last tiny steps, which batched and
+# unbatched arithmetic round differently: a looser tolerance.
+@pytest.mark.parametrize(
+    "adjoint, rtol", [(optax_pes.Implicit(), 1e-6), (optax_pes.Shine(), 1e-3)]
+)
+def test_vmap_jit_and_batch_gradients_are_sums_of_per_sample_ones(adjoint, rtol, x64):
+    layer, _, _ = _problem(1)
+    xs = jax.random.normal(jax.random.key(9), (5, 8))
+    solver = optax_pes.Broyden(max_steps=40, tol=1e-10, memory=40)
+    deq = optax_pes.DEQ(layer, solver=solver, adjoint=adjoint)
+
+    @eqx.filter_jit
+    def batch_loss_grad(deq, xs):
+        def loss(deq):
+            zs = jax.vmap(deq, in_axes=(0, None))(xs, jnp.zeros(8))
+            return jnp.sum(zs**2)
+
+        return eqx.filter_grad(loss)(deq)
+
+    batch = batch_loss_grad(deq, xs)
+    single = [
+        eqx.filter_grad(lambda d, x: jnp.sum(d(x, jnp.zeros(8)) ** 2))(deq, x)
+        for x in xs
+    ]
+    total = jax.tree.map(lambda *g: sum(g), *single)
+    np.testing.assert_allclose(_flat(batch.fn), _flat(total.fn), rtol=rtol, atol=1e-9)
+    _, infos = jax.vmap(deq.solve, in_axes=(0, None))(xs, jnp.zeros(8))
+    assert infos.converged.shape == (5,) and bool(jnp.all(infos.converged))
+
+
+class PytreeLayer(eqx.Module):
+    weight: jax.Array
+
+    def __call__(self, z, x):
+        a, b = z
+        return (jnp.tanh(self.weight @ b + x), 0.5 * jnp.cos(a[:3]))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_pytree_state_and_dtypes(dtype, x64):
+    weight = 0.3 * jax.random.normal(jax.random.key(0), (4, 3), dtype)
+    x = jnp.ones(4, dtype)
+    z0 = (jnp.zeros(4, dtype), jnp.zeros(3, dtype))
+    for solver in [optax_pes.Broyden(), optax_pes.Anderson(), optax_pes.FixedPoint()]:
+        adjoint = optax_pes.Shine() if solver.provides_inverse else optax_pes.Implicit()
+        deq = optax_pes.DEQ(PytreeLayer(weight), solver=solver, adjoint=adjoint)
+        (a, b), info = deq.solve(x, z0)
+        assert a.dtype == b.dtype == jnp.dtype(dtype)
+        assert bool(info.converged), solver
+        g = eqx.filter_grad(lambda d: jnp.sum(d(x, z0)[0]))(deq)
+        assert g.fn.weight.dtype == jnp.dtype(dtype)
+        assert np.all(np.isfinite(g.fn.weight))
+
+
+def test_anderson_needs_fewer_steps_than_plain_iteration():
+    layer, x, _ = _problem(2, norm=0.95)
+    steps = {}
+    for solver in [optax_pes.FixedPoint(200, 1e-6), optax_pes.Anderson(200, 1e-6)]:
+        _, info = optax_pes.DEQ(
+            layer, solver=solver, adjoint=optax_pes.Implicit()
+        ).solve(x, jnp.zeros(8))
+        assert bool(info.converged)
+        steps[type(solver).__name__] = int(info.steps)
+    assert steps["Anderson"] < steps["FixedPoint"]
+
+
+ADJOINTS = [
+    optax_pes.Shine(),
+    optax_pes.Shine(refine_steps=3, fallback=True),
+    optax_pes.Implicit(),
+    optax_pes.JacobianFree(),
+    optax_pes.Phantom(3, 0.5),
+]
+
+
+@pytest.mark.parametrize("adjoint", ADJOINTS, ids=lambda a: type(a).__name__)
+def test_unconverged_solve_reports_and_keeps_gradients_finite(adjoint):
+    # Spectral norm 3: far from contractive, and two steps are not enough anyway.
+    layer, x, cotangent = _problem(5, norm=3.0)
+    deq = optax_pes.DEQ(layer, solver=optax_pes.Broyden(2, 1e-8, 2), adjoint=adjoint)
+    z, info = deq.solve(x, jnp.zeros(8))
+    assert not bool(info.converged)
+    assert int(info.steps) <= 2 and np.all(np.isfinite(z))
+    g_layer, g_x = deq_gradients(layer, x, cotangent, adjoint, deq.solver)
+    assert np.all(np.isfinite(_flat(g_layer))) and np.all(np.isfinite(g_x))
+
+
+def test_diverging_fixed_point_iteration_returns_its_best_iterate():
+    layer = Linear(2.0 * jnp.eye(3))  # z <- 2 z + x: iteration diverges
+    deq = optax_pes.DEQ(
+        layer, solver=optax_pes.FixedPoint(100, 1e-6), adjoint=optax_pes.JacobianFree()
+    )
+    z, info = deq.solve(jnp.ones(3), jnp.zeros(3))
+    assert not bool(info.converged)
+    assert np.all(np.isfinite(z)) and np.isfinite(info.residual)
+    assert int(info.steps) < 100  # stopped on divergence, not max_steps
+
+
+# ------------------------------------------------------------------ bad input -----
+
+
+def test_fn_output_must_match_z0():
+    layer, x, _ = _problem(0)
+    deq = optax_pes.DEQ(layer)
+    with pytest.raises(ValueError, match=r"fn\(z0, x\) failed for z0 float32\[5\]"):
+        deq(x, jnp.zeros(5))  # W z fails: shapes don't fit
+    with pytest.raises(ValueError, match="structure, shapes and dtypes of z0"):
+        optax_pes.DEQ(lambda z, x: z[:2])(x, jnp.zeros(4))
+    with pytest.raises(ValueError, match="structure, shapes and dtypes of z0"):
+        optax_pes.DEQ(lambda z, x: z.astype(jnp.int32).astype(jnp.float16))(
+            x, jnp.zeros(4)
+        )
+    with pytest.raises(ValueError, match="structure, shapes and dtypes of z0"):
+        optax_pes.DEQ(lambda z, x: (z, z))(x, jnp.zeros(4))
+    with pytest.raises(TypeError, match="z0 must be a non-empty pytree of floating"):
+        deq(x, jnp.zeros(8, jnp.int32))
+
+
+@pytest.mark.parametrize("solver", [optax_pes.Anderson(), optax_pes.FixedPoint()])
+def test_shine_needs_an_inverse_estimate(solver):
+    layer, _, _ = _problem(0)
+    with pytest.raises(ValueError, match="does not provide"):
+        optax_pes.DEQ(layer, solver=solver, adjoint=optax_pes.Shine())
+    optax_pes.DEQ(layer, solver=solver, adjoint=optax_pes.Implicit())
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: optax_pes.Broyden(max_steps=0), "max_steps must be a positive int"),
+        (lambda: optax_pes.Broyden(tol=0.0), "tol must be a positive float"),
+        (lambda: optax_pes.Broyden(tol=-1e-3), "tol must be a positive float"),
+        (lambda: optax_pes.Broyden(memory=0), "memory must be a positive int"),
+        (lambda: optax_pes.Anderson(memory=-1), "memory must be a positive int"),
+        (lambda: optax_pes.Anderson(damping=0.0), "damping must be a float in"),
+        (lambda: optax_pes.Anderson(ridge=-1.0), "ridge must be a float >= 0"),
+        (lambda: optax_pes.FixedPoint(max_steps=-5), "max_steps must be a positive"),
+        (lambda: optax_pes.Shine(refine_steps=-1), "refine_steps must be an int >= 0"),
+        (lambda: optax_pes.Shine(fallback_threshold=0.0), "fallback_threshold"),
+        (lambda: optax_pes.Implicit(tol=0.0), "tol must be a positive float"),
+        (lambda: optax_pes.Implicit(linear_solver="lu"), "linear_solver must be"),
+        (lambda: optax_pes.Phantom(k=0), "k must be an int >= 1"),
+        (lambda: optax_pes.Phantom(damping=1.5), "damping must be a float in"),
+    ],
+)
+def test_bad_solver_and_adjoint_arguments(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_bad_deq_arguments():
+    with pytest.raises(TypeError, match="fn must be a callable"):
+        optax_pes.DEQ(3)
+    with pytest.raises(TypeError, match="solver must be"):
+        optax_pes.DEQ(lambda z, x: z, solver="broyden")
+    with pytest.raises(TypeError, match="adjoint must be"):
+        optax_pes.DEQ(lambda z, x: z, adjoint="shine")

@@ -92,6 +92,8 @@ def _add_init(cls: griffe.Class, chain: list[griffe.Class]) -> None:
                 continue
             if "ClassVar" in str(member.annotation) or member.name.startswith("__"):
                 continue
+            if "instance-attribute" not in member.labels:  # griffe strips ClassVar
+                continue
             fields[member.name] = griffe.Parameter(
                 member.name,
                 annotation=member.annotation,

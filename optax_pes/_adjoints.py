@@ -139,7 +139,7 @@ class Shine(_AbstractCotangentAdjoint):
     as accurate as as many iterations of $w \leftarrow \bar z + J_f^\top w$, and
     fine for non-contractive layers. `fallback=True` replaces
     $w$ by $\bar z$ (Jacobian-free) for a sample whose
-    $\|w\| > \text{fallback\_threshold} \, \|\bar z\|$. A non-finite $w$ always falls
+    $\|w\| >$ `fallback_threshold` $\|\bar z\|$. A non-finite $w$ always falls
     back. Needs a solver that provides an inverse estimate (`optax_pes.Broyden`).
 
     **Arguments:** `refine_steps` ($\geq 0$), `fallback`, `fallback_threshold` ($> 0$).

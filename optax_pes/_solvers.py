@@ -25,8 +25,8 @@ class SolveInfo(NamedTuple):
     """Convergence statistics of a fixed-point solve (stop-gradient)."""
 
     steps: Int[Array, ""]  # iterations taken
-    residual: Float[Array, ""]  # |fn(z*) - z*| of the returned iterate
-    relative_residual: Float[Array, ""]  # residual / |z*|
+    residual: Float[Array, ""]  # `|fn(z*) - z*|` of the returned iterate
+    relative_residual: Float[Array, ""]  # `residual / |z*|`
     converged: Bool[Array, ""]  # residual <= tol or relative_residual <= tol
 
 

@@ -6,6 +6,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Bool, Float, PRNGKeyArray, PyTree
 
 from optax_pes._system import UnrolledSystem
@@ -205,37 +206,33 @@ def stagger_offsets(
 # ------------------------------------------------------------------ noise ----------
 
 
-def sample_normal(key: PRNGKeyArray, params: PyTree, num: int) -> PyTree:
-    """Standard normal draws shaped `(num,) + leaf.shape` in each leaf's dtype."""
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(key, len(leaves))
-    draws = [
-        jax.random.normal(k, (num,) + jnp.shape(x), jnp.result_type(x))
-        for k, x in zip(keys, leaves, strict=True)
-    ]
-    return jax.tree.unflatten(treedef, draws)
+def flatten(params: PyTree) -> tuple[Float[Array, " dim"], Any]:
+    """params as one flat vector (the noise, scores and estimate live flat: one
+    random draw and one product per window, however many leaves theta has)."""
+    return ravel_pytree(params)
 
 
 def perturb(
-    params: PyTree, noise: PyTree, signs: Sequence[float], scale: Array | None = None
-) -> PyTree:
-    """Per-particle thetas `params + sign * scale * noise`, member-major.
+    flat: Float[Array, " dim"],
+    noise: Float[Array, "groups dim"],
+    signs: Sequence[float],
+    scale: Array,
+) -> Float[Array, "particles dim"]:
+    """Per-particle flat thetas `flat + sign * scale * noise`, member-major.
 
-    `noise` has a leading group axis; `scale` is a scalar or per-group vector (or
-    None for noise that is already scaled).
+    `scale` is a scalar or a per-group vector.
     """
+    scale = jnp.asarray(scale, noise.dtype)
+    eps = noise * scale.reshape(scale.shape + (1,) * (noise.ndim - scale.ndim))
+    parts = [
+        flat[None] + sign * eps if sign else jnp.broadcast_to(flat, eps.shape)
+        for sign in signs
+    ]
+    return jnp.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
 
-    def leaf(p, n):
-        if scale is not None:
-            s = jnp.asarray(scale, n.dtype)
-            n = n * s.reshape(s.shape + (1,) * (n.ndim - s.ndim))
-        parts = [
-            p[None] + sign * n if sign else jnp.broadcast_to(p, n.shape)
-            for sign in signs
-        ]
-        return jnp.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
 
-    return jax.tree.map(leaf, params, noise)
+def unflatten_particles(unravel: Any, thetas: Float[Array, "particles dim"]) -> PyTree:
+    return jax.vmap(unravel)(thetas)
 
 
 # ------------------------------------------------------------------ estimate -------
@@ -260,29 +257,27 @@ def score_estimate(
     result: WindowResult,
     valid: Bool[Array, " groups"],
     signs: Sequence[float],
-    credit_before: PyTree,
-    credit_after: PyTree | None,
-) -> PyTree:
+    credit_before: Float[Array, "groups dim"],
+    credit_after: Float[Array, "groups dim"] | None,
+) -> Float[Array, " dim"]:
     """`sum_i (L_before_i c_before_i + L_after_i c_after_i) / n_valid`.
 
     `credit_*` are per-group scores (the `+` member's; a member with sign `s` uses
-    `s * score`). Invalid groups contribute nothing.
+    `s * score`); `credit_after` may be None when no episode starts mid-window.
+    Invalid groups contribute nothing.
     """
     num_groups = valid.shape[0]
     estimating = sum(1 for s in signs if s)
-    lb = jnp.where(valid, group_losses(result.loss_before, signs, num_groups), 0)
-    la = jnp.where(valid, group_losses(result.loss_after, signs, num_groups), 0)
-    count = jnp.maximum(estimating * jnp.sum(valid), 1)
+    count = jnp.maximum(estimating * jnp.sum(valid), 1).astype(credit_before.dtype)
 
-    def leaf(cb, ca=None):
-        out = jnp.tensordot(lb.astype(cb.dtype), cb, axes=1)
-        if ca is not None:
-            out = out + jnp.tensordot(la.astype(ca.dtype), ca, axes=1)
-        return out / count.astype(cb.dtype)
+    def credit(losses, scores):
+        weights = jnp.where(valid, group_losses(losses, signs, num_groups), 0)
+        return weights.astype(scores.dtype) @ scores
 
-    if credit_after is None:
-        return jax.tree.map(leaf, credit_before)
-    return jax.tree.map(leaf, credit_before, credit_after)
+    out = credit(result.loss_before, credit_before)
+    if credit_after is not None:
+        out = out + credit(result.loss_after, credit_after)
+    return out / count
 
 
 def add_estimate(updates: PyTree, estimate: PyTree) -> PyTree:
@@ -328,7 +323,3 @@ def split_key(
 ) -> tuple[PRNGKeyArray, PRNGKeyArray, PRNGKeyArray]:
     new_key, noise_key, window_key = jax.random.split(state_key, 3)
     return new_key, noise_key, window_key
-
-
-def float_dtype_of(params: PyTree) -> Float:
-    return jnp.result_type(*jax.tree.leaves(params))

@@ -7,7 +7,7 @@ from jaxtyping import Array, PRNGKeyArray, PyTree
 
 from optax_pes import _estimator as est
 from optax_pes._system import UnrolledSystem, as_key
-from optax_pes._window import run_window, tree_where
+from optax_pes._window import run_window
 
 
 def nres(
@@ -70,17 +70,15 @@ def nres(
 
     def init_fn(params: PyTree) -> est.EstimatorState:
         est.check_against_system(system, params)
-        directions = jax.tree.map(
-            lambda p: jnp.zeros((num_groups,) + p.shape, p.dtype), params
-        )
-        sigmas = jnp.ones(num_groups, est.float_dtype_of(params))
+        flat, _ = est.flatten(params)
+        directions = jnp.zeros((num_groups,) + flat.shape, flat.dtype)
         return est.EstimatorState(
             count=jnp.zeros((), jnp.int32),
             rng_key=key,
             inner_state=est.empty_inner_state(system, params, num_particles),
             remaining=jnp.asarray(horizon - offsets, jnp.int32),
             needs_init=jnp.ones(num_groups, bool),
-            noise=(directions, sigmas),
+            noise=(directions, jnp.ones(num_groups, flat.dtype)),
             diagnostics=est.zero_diagnostics(),
         )
 
@@ -89,15 +87,22 @@ def nres(
         est.require_params(params, "nres")
         loss_dtype = est.check_against_system(system, params)
         rng_key, noise_key, window_key = est.split_key(state.rng_key)
-        scale = est.checked_sigma(sigma).astype(est.float_dtype_of(params))
-        fresh = est.sample_normal(noise_key, params, num_groups)
+        flat, unravel = est.flatten(params)
+        scale = est.checked_sigma(sigma).astype(flat.dtype)
+        fresh = jax.random.normal(noise_key, (num_groups, flat.size), flat.dtype)
         old_dirs, old_sigmas = state.noise
         # Episodes starting now take fresh noise for the whole window.
-        dirs = tree_where(state.needs_init, fresh, old_dirs)
+        dirs = jnp.where(state.needs_init[:, None], fresh, old_dirs)
         sigmas = jnp.where(state.needs_init, scale, old_sigmas)
-        thetas = est.perturb(params, dirs, signs, sigmas)
+        thetas = est.unflatten_particles(
+            unravel, est.perturb(flat, dirs, signs, sigmas)
+        )
         sync = horizon % truncation_length == 0  # no episode starts mid-window
-        thetas_after = None if sync else est.perturb(params, fresh, signs, scale)
+        thetas_after = None
+        if not sync:
+            thetas_after = est.unflatten_particles(
+                unravel, est.perturb(flat, fresh, signs, scale)
+            )
         result = run_window(
             system,
             thetas,
@@ -111,15 +116,10 @@ def nres(
             thetas_after_reset=thetas_after,
         )
         valid = est.window_validity(result, members, num_groups)
-        score_before = jax.tree.map(
-            lambda d: d / sigmas.reshape((-1,) + (1,) * (d.ndim - 1)).astype(d.dtype),
-            dirs,
-        )
-        score_after = (
-            None if sync else jax.tree.map(lambda d: d / scale.astype(d.dtype), fresh)
-        )
+        score_before = dirs / sigmas[:, None]
+        score_after = None if sync else fresh / scale
         estimate = est.score_estimate(result, valid, signs, score_before, score_after)
-        new_dirs = tree_where(result.reset_inside, fresh, dirs)
+        new_dirs = jnp.where(result.reset_inside[:, None], fresh, dirs)
         new_sigmas = jnp.where(result.reset_inside, scale, sigmas)
         remaining, needs_init = est.next_episode_flags(result, valid, horizon)
         new_state = est.EstimatorState(
@@ -133,6 +133,6 @@ def nres(
                 result, valid, estimate, members, truncation_length
             ),
         )
-        return est.add_estimate(updates, estimate), new_state
+        return est.add_estimate(updates, unravel(estimate)), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -7,7 +7,7 @@ from jaxtyping import Array, PRNGKeyArray, PyTree
 
 from optax_pes import _estimator as est
 from optax_pes._system import UnrolledSystem, as_key
-from optax_pes._window import run_window, tree_where
+from optax_pes._window import run_window
 
 
 def pes(
@@ -144,15 +144,14 @@ def _persistent(
 
     def init_fn(params: PyTree) -> est.EstimatorState:
         est.check_against_system(system, params)
+        flat, _ = est.flatten(params)
         return est.EstimatorState(
             count=jnp.zeros((), jnp.int32),
             rng_key=key,
             inner_state=est.empty_inner_state(system, params, num_particles),
             remaining=jnp.asarray(horizon - offsets, jnp.int32),
             needs_init=jnp.ones(num_groups, bool),
-            noise=jax.tree.map(
-                lambda p: jnp.zeros((num_groups,) + p.shape, p.dtype), params
-            ),
+            noise=jnp.zeros((num_groups,) + flat.shape, flat.dtype),
             diagnostics=est.zero_diagnostics(),
         )
 
@@ -162,10 +161,13 @@ def _persistent(
         loss_dtype = est.check_against_system(system, params)
         rng_key, noise_key, window_key = est.split_key(state.rng_key)
         scale = est.checked_sigma(sigma)
-        normal = est.sample_normal(noise_key, params, num_groups)
+        flat, unravel = est.flatten(params)
+        normal = jax.random.normal(noise_key, (num_groups, flat.size), flat.dtype)
         # eps = scale * z; its score eps / scale^2 = z / scale.
-        score = jax.tree.map(lambda z: z / scale.astype(z.dtype), normal)
-        thetas = est.perturb(params, normal, signs, scale)
+        score = normal / scale.astype(flat.dtype)
+        thetas = est.unflatten_particles(
+            unravel, est.perturb(flat, normal, signs, scale)
+        )
         result = run_window(
             system,
             thetas,
@@ -178,13 +180,16 @@ def _persistent(
             loss_dtype=loss_dtype,
         )
         valid = est.window_validity(result, members, num_groups)
-        accumulated = jax.tree.map(jnp.add, state.noise, score)
-        estimate = est.score_estimate(result, valid, signs, accumulated, score)
+        accumulated = state.noise + score
+        sync = horizon % truncation_length == 0  # no episode starts mid-window
+        estimate = est.score_estimate(
+            result, valid, signs, accumulated, None if sync else score
+        )
         # The next accumulator: this window's score for an episode that began inside
         # it, zero for one that ended (or was dropped), else the running sum.
-        restart = result.needs_init | ~valid
-        noise = tree_where(result.reset_inside, score, accumulated)
-        noise = tree_where(restart, jax.tree.map(jnp.zeros_like, noise), noise)
+        restart = (result.needs_init | ~valid)[:, None]
+        noise = jnp.where(result.reset_inside[:, None], score, accumulated)
+        noise = jnp.where(restart, 0, noise)
         remaining, needs_init = est.next_episode_flags(result, valid, horizon)
         new_state = est.EstimatorState(
             count=state.count + 1,
@@ -197,6 +202,6 @@ def _persistent(
                 result, valid, estimate, members, truncation_length
             ),
         )
-        return est.add_estimate(updates, estimate), new_state
+        return est.add_estimate(updates, unravel(estimate)), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

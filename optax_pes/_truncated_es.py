@@ -80,9 +80,12 @@ def truncated_es(
         loss_dtype = est.check_against_system(system, params)
         rng_key, noise_key, window_key = est.split_key(state.rng_key)
         scale = est.checked_sigma(sigma)
-        normal = est.sample_normal(noise_key, params, num_groups)
-        score = jax.tree.map(lambda z: z / scale.astype(z.dtype), normal)
-        thetas = est.perturb(params, normal, signs, scale)
+        flat, unravel = est.flatten(params)
+        normal = jax.random.normal(noise_key, (num_groups, flat.size), flat.dtype)
+        score = normal / scale.astype(flat.dtype)
+        thetas = est.unflatten_particles(
+            unravel, est.perturb(flat, normal, signs, scale)
+        )
         result = run_window(
             system,
             thetas,
@@ -96,7 +99,10 @@ def truncated_es(
         )
         valid = est.window_validity(result, members, num_groups)
         # Losses on both sides of a reset are credited to the window's noise alike.
-        estimate = est.score_estimate(result, valid, signs, score, score)
+        sync = system.horizon % truncation_length == 0
+        estimate = est.score_estimate(
+            result, valid, signs, score, None if sync else score
+        )
         centre = jax.tree.map(
             lambda x: x[(members - 1) * num_groups :], result.inner_state
         )
@@ -112,6 +118,6 @@ def truncated_es(
                 result, valid, estimate, members, truncation_length
             ),
         )
-        return est.add_estimate(updates, estimate), new_state
+        return est.add_estimate(updates, unravel(estimate)), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

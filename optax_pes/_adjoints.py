@@ -194,12 +194,13 @@ class Implicit(_AbstractCotangentAdjoint):
     r"""The exact implicit gradient: solve $(I - J_f^\top) w = \bar z$ to tolerance.
 
     The reference the other adjoints approximate. `linear_solver="gmres"` (default)
-    uses lineax's GMRES on the matrix-free operator; `"fixed_point"` iterates
+    uses lineax's GMRES (restarted every 10 steps) on the matrix-free operator; `"fixed_point"` iterates
     $w \leftarrow \bar z + J_f^\top w$ (converges for contractive $f$); any
     `lineax.AbstractLinearSolver` may be given. A solve that fails (non-finite $w$)
     falls back to $w = \bar z$, so gradients stay finite.
 
-    **Arguments:** `max_steps` and `tol` of the linear solve; `linear_solver`.
+    **Arguments:** `max_steps` (Krylov or fixed-point steps, i.e. VJPs of $f$) and
+    `tol` of the linear solve; `linear_solver`.
     """
 
     max_steps: int = eqx.field(static=True, default=100)
@@ -244,8 +245,15 @@ class Implicit(_AbstractCotangentAdjoint):
             return jax.lax.while_loop(cond, body, (0, grad, inf))[1]
         solver = self.linear_solver
         if isinstance(solver, str):
+            # lineax checks the tolerance between restart cycles only: short cycles
+            # stop soon after convergence. max_steps counts Krylov steps (VJPs);
+            # lineax counts cycles, the first of which only computes the residual.
+            restart = min(10, self.max_steps)
             solver = lx.GMRES(
-                rtol=self.tol, atol=self.tol, max_steps=self.max_steps, restart=30
+                rtol=self.tol,
+                atol=self.tol,
+                max_steps=-(-self.max_steps // restart) + 1,
+                restart=restart,
             )
         return _solve_transposed(layer, z_star, grad, solver, None)
 

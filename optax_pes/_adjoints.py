@@ -194,8 +194,8 @@ class Implicit(_AbstractCotangentAdjoint):
     r"""The exact implicit gradient: solve $(I - J_f^\top) w = \bar z$ to tolerance.
 
     The reference the other adjoints approximate. `linear_solver="gmres"` (default)
-    uses lineax's GMRES (restarted every 10 steps) on the matrix-free operator; `"fixed_point"` iterates
-    $w \leftarrow \bar z + J_f^\top w$ (converges for contractive $f$); any
+    uses lineax's GMRES (restarted every 10 steps) on the matrix-free operator;
+    `"fixed_point"` iterates $w \leftarrow \bar z + J_f^\top w$ (converges for contractive $f$); any
     `lineax.AbstractLinearSolver` may be given. A solve that fails (non-finite $w$)
     falls back to $w = \bar z$, so gradients stay finite.
 

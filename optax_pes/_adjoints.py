@@ -195,9 +195,9 @@ class Implicit(_AbstractCotangentAdjoint):
 
     The reference the other adjoints approximate. `linear_solver="gmres"` (default)
     uses lineax's GMRES (restarted every 10 steps) on the matrix-free operator;
-    `"fixed_point"` iterates $w \leftarrow \bar z + J_f^\top w$ (converges for contractive $f$); any
-    `lineax.AbstractLinearSolver` may be given. A solve that fails (non-finite $w$)
-    falls back to $w = \bar z$, so gradients stay finite.
+    `"fixed_point"` iterates $w \leftarrow \bar z + J_f^\top w$ (converges for
+    contractive $f$); any `lineax.AbstractLinearSolver` may be given. A solve that
+    fails (non-finite $w$) falls back to $w = \bar z$, so gradients stay finite.
 
     **Arguments:** `max_steps` (Krylov or fixed-point steps, i.e. VJPs of $f$) and
     `tol` of the linear solve; `linear_solver`.

@@ -133,16 +133,18 @@ class Shine(_AbstractCotangentAdjoint):
 
     $w = -B^{-\top} \bar z = \bar z - V^\top (U \bar z)$ with the solver's low-rank
     $B^{-1} = -I + U^\top V$: $O(\text{memory} \times d)$ and no extra evaluation of
-    $f$. `refine_steps > 0` then refines it with one GMRES cycle of that many
-    Krylov steps on $(I - J_f^\top) w = \bar z$ started from the SHINE estimate
-    (seeded with the transpose, not with $B^{-1}$ as in the official code): at least
-    as accurate as as many iterations of $w \leftarrow \bar z + J_f^\top w$, and
-    fine for non-contractive layers. `fallback=True` replaces
-    $w$ by $\bar z$ (Jacobian-free) for a sample whose
-    $\|w\| >$ `fallback_threshold` $\|\bar z\|$. A non-finite $w$ always falls
-    back. Needs a solver that provides an inverse estimate (`optax_pes.Broyden`).
+    $f$. `refine_steps > 0` then refines it, started from the SHINE estimate (seeded
+    with the transpose, not with $B^{-1}$ as in the official code), by that many
+    iterations of $w \leftarrow \bar z + J_f^\top w$ (`refine_solver="fixed_point"`,
+    one VJP each; needs a contractive layer) or by one GMRES cycle of that many
+    Krylov steps (`"gmres"`: also for non-contractive layers, with lineax's
+    per-step overhead). `fallback=True` replaces $w$ by $\bar z$ (Jacobian-free)
+    for a sample whose $\|w\| >$ `fallback_threshold` $\|\bar z\|$, checked before
+    refinement. A non-finite $w$ always falls back. Needs a solver that provides an
+    inverse estimate (`optax_pes.Broyden`).
 
-    **Arguments:** `refine_steps` ($\geq 0$), `fallback`, `fallback_threshold` ($> 0$).
+    **Arguments:** `refine_steps` ($\geq 0$), `fallback`, `fallback_threshold`
+    ($> 0$), `refine_solver` (`"fixed_point"` or `"gmres"`).
 
     **References:** Ramzi, Mannel, Bai, Starck, Ciuciu, Moreau, *SHINE: SHaring the
     INverse Estimate from the forward pass for bi-level optimization and implicit
@@ -152,6 +154,9 @@ class Shine(_AbstractCotangentAdjoint):
     refine_steps: int = eqx.field(static=True, default=0)
     fallback: bool = eqx.field(static=True, default=False)
     fallback_threshold: float = eqx.field(static=True, default=1.8)
+    refine_solver: Literal["fixed_point", "gmres"] = eqx.field(
+        static=True, default="fixed_point"
+    )
     needs_inverse = True
 
     def __check_init__(self):
@@ -170,6 +175,11 @@ class Shine(_AbstractCotangentAdjoint):
                 "fallback_threshold must be a positive float, got "
                 f"{self.fallback_threshold!r}"
             )
+        if self.refine_solver not in ("fixed_point", "gmres"):
+            raise ValueError(
+                "refine_solver must be 'fixed_point' or 'gmres', got "
+                f"{self.refine_solver!r}"
+            )
 
     def cotangent(self, layer, z_star, inverse, grad):
         w = -inverse.rmv(grad)
@@ -178,16 +188,16 @@ class Shine(_AbstractCotangentAdjoint):
                 grad
             )
             w = jnp.where(too_big, grad, w)
-        if self.refine_steps:
-            # One GMRES cycle of `refine_steps` Krylov directions around the SHINE
-            # estimate: never worse than as many fixed-point steps, and it does not
-            # need a contractive layer.
+        if not self.refine_steps:
+            return w
+        if self.refine_solver == "gmres":
             # (lineax's first GMRES pass only computes the residual of y0.)
             solver = lx.GMRES(
                 rtol=0.0, atol=0.0, max_steps=2, restart=self.refine_steps
             )
-            w = _solve_transposed(layer, z_star, grad, solver, w)
-        return w
+            return _solve_transposed(layer, z_star, grad, solver, w)
+        _, vjp = jax.vjp(layer, z_star)
+        return jax.lax.fori_loop(0, self.refine_steps, lambda _, w: grad + vjp(w)[0], w)
 
 
 class Implicit(_AbstractCotangentAdjoint):

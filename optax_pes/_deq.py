@@ -26,7 +26,7 @@ class DEQ(eqx.Module):
     | adjoint | backward pass | cost |
     |---|---|---|
     | `Shine()` | $w = -B^{-\top}\bar z$, the forward Broyden inverse | $O(md)$, 1 VJP |
-    | `Shine(refine_steps=r)` | SHINE, then $r$ GMRES steps | $r + 3$ VJPs |
+    | `Shine(refine_steps=r)` | SHINE, then $r$ fixed-point steps | $r + 1$ VJPs |
     | `Implicit()` | $(I - J^\top) w = \bar z$ by GMRES to tolerance | many VJPs |
     | `JacobianFree()` | $w = \bar z$ | 1 VJP |
     | `Phantom(k, damping)` | backprop through $k$ damped steps from $z^*$ | $k$ VJPs |

@@ -9,6 +9,7 @@ import abc
 from typing import Any, ClassVar, NamedTuple
 
 import equinox as eqx
+import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
@@ -33,20 +34,35 @@ class SolveInfo(NamedTuple):
 class LowRankInverse(eqx.Module):
     r"""Broyden's inverse-Jacobian estimate $B^{-1} = -I + U^\top V$ of $g = f - I$.
 
-    `u` and `v` hold one update per row (unused rows are zero); applying it, or its
-    transpose, costs $O(\text{memory} \times d)$.
+    `u` and `v` hold one update per row; rows at or past `count` are zero. Applying
+    it, or its transpose, costs $O(\text{count} \times d)$: only the filled rows
+    are read (rounded up to a quarter, half or all of `memory`; under `jax.vmap` to
+    the fullest sample's count), which matters when the solve converged in fewer
+    steps than `memory`.
     """
 
     u: Float[Array, "memory d"]
     v: Float[Array, "memory d"]
+    count: Int[Array, ""]  # rows in use, <= memory
+
+    def _apply(self, left: Array, right: Array, x: Array) -> Array:
+        """`-x + left.T @ (right @ x)` over the filled rows only."""
+        memory = left.shape[0]
+        sizes = sorted({max(1, -(-memory * k // 4)) for k in (1, 2, 4)})
+        used = eqxi.unvmap_max(self.count)  # unbatched: picks one branch
+        bucket = sum((used > size).astype(jnp.int32) for size in sizes[:-1])
+        branches = [
+            lambda x, s=size: -x + left[:s].T @ (right[:s] @ x) for size in sizes
+        ]
+        return jax.lax.switch(bucket, branches, x)
 
     def mv(self, x: Float[Array, " d"]) -> Float[Array, " d"]:
         """$B^{-1} x$."""
-        return -x + self.u.T @ (self.v @ x)
+        return self._apply(self.u, self.v, x)
 
     def rmv(self, x: Float[Array, " d"]) -> Float[Array, " d"]:
         r"""$B^{-\top} x$."""
-        return -x + self.v.T @ (self.u @ x)
+        return self._apply(self.v, self.u, x)
 
     def as_matrix(self) -> Float[Array, "d d"]:
         """The dense estimate (for tests and small problems)."""
@@ -163,9 +179,10 @@ def solve(
 class _BroydenState(NamedTuple):
     z: Array
     g: Array
+    inv_g: Array  # B^-1 g with the current inverse: the next step is -inv_g
     u: Array  # (memory, d)
     v: Array  # (memory, d)
-    index: Array  # next slot to write
+    index: Array  # updates made so far; the next goes to row index % memory
 
 
 class Broyden(AbstractSolver):
@@ -205,15 +222,16 @@ class Broyden(AbstractSolver):
 
     def init(self, fn, z0):
         zeros = jnp.zeros((self.memory,) + z0.shape, z0.dtype)
-        return _BroydenState(z0, fn(z0) - z0, zeros, zeros, jnp.zeros((), jnp.int32))
+        g = fn(z0) - z0
+        return _BroydenState(z0, g, -g, zeros, zeros, jnp.zeros((), jnp.int32))
 
     def step(self, fn, state):
-        inv = LowRankInverse(state.u, state.v)
-        dz = -inv.mv(state.g)
+        inv = self.inverse(state)
+        dz = -state.inv_g
         z = state.z + dz
         g = fn(z) - z
-        dg = g - state.g
-        inv_dg = inv.mv(dg)
+        inv_g = inv.mv(g)
+        inv_dg = inv_g - state.inv_g
         v = inv.rmv(dz)
         denom = jnp.dot(dz, inv_dg)
         tiny = jnp.finfo(z.dtype).eps * jnp.linalg.norm(dz) * jnp.linalg.norm(inv_dg)
@@ -221,16 +239,20 @@ class Broyden(AbstractSolver):
         u = jnp.where(ok, (dz - inv_dg) / jnp.where(ok, denom, 1), 0)
         v = jnp.where(ok, v, 0)
         slot = state.index % self.memory
+        # Sherman-Morrison: the updated inverse applied to g, without another pass.
+        inv_g = inv_g + u * jnp.dot(v, g)
         return _BroydenState(
             z,
             g,
+            inv_g,
             state.u.at[slot].set(u),
             state.v.at[slot].set(v),
             state.index + ok.astype(jnp.int32),
         )
 
     def inverse(self, state):
-        return LowRankInverse(state.u, state.v)
+        count = jnp.minimum(state.index, self.memory)
+        return LowRankInverse(state.u, state.v, count)
 
 
 # --------------------------------------------------------------------- Anderson ----

@@ -80,6 +80,7 @@ def test_implicit_and_refined_shine_match_the_exact_gradient(seed, x64):
         (optax_pes.Implicit(), 0.9999),
         (optax_pes.Implicit(linear_solver="fixed_point", max_steps=500), 0.9999),
         (optax_pes.Shine(refine_steps=5), 0.999),
+        (optax_pes.Shine(refine_steps=5, refine_solver="gmres"), 0.999),
     ]:
         g_layer, g_x = deq_gradients(layer, x, cotangent, adjoint, solver)
         assert cosine(g_layer, ref_layer) > bound, adjoint
@@ -107,10 +108,9 @@ def test_non_contractive_layer_solved_by_broyden(x64):
     assert bool(optax_pes.DEQ(layer, solver=solver).solve(x, jnp.zeros(8))[1].converged)
     implicit = deq_gradients(layer, x, cotangent, optax_pes.Implicit(), solver)
     assert cosine(implicit, ref) > 0.9999
-    # GMRES refinement does not need a contraction (fixed-point refinement would).
-    refined = deq_gradients(
-        layer, x, cotangent, optax_pes.Shine(refine_steps=5), solver
-    )
+    # GMRES refinement does not need a contraction (fixed-point refinement does).
+    shine = optax_pes.Shine(refine_steps=5, refine_solver="gmres")
+    refined = deq_gradients(layer, x, cotangent, shine, solver)
     jfb = deq_gradients(layer, x, cotangent, optax_pes.JacobianFree(), solver)
     assert cosine(refined, ref) > max(0.99, cosine(jfb, ref))
 
@@ -352,6 +352,7 @@ def test_shine_needs_an_inverse_estimate(solver):
         (lambda: optax_pes.FixedPoint(max_steps=-5), "max_steps must be a positive"),
         (lambda: optax_pes.Shine(refine_steps=-1), "refine_steps must be an int >= 0"),
         (lambda: optax_pes.Shine(fallback_threshold=0.0), "fallback_threshold"),
+        (lambda: optax_pes.Shine(refine_solver="cg"), "refine_solver must be"),
         (lambda: optax_pes.Implicit(tol=0.0), "tol must be a positive float"),
         (lambda: optax_pes.Implicit(linear_solver="lu"), "linear_solver must be"),
         (lambda: optax_pes.Phantom(k=0), "k must be an int >= 1"),

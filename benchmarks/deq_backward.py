@@ -1,0 +1,537 @@
+"""DEQ backward and forward costs: SHINE against the other adjoints and solvers.
+
+Prints, measured side by side in one run (never as tests), on a DEQ layer
+`f(z, x) = tanh(W z + U x + b)` (an Equinox module, `d` features, a batch of `B`
+samples through `jax.vmap`, one sample per DEQ call as the API requires):
+
+1. Backward (pullback only) of `optax_pes.DEQ` with each adjoint. The forward and
+   `jax.vjp` run once inside `jax.jit`; the VJP function `jax.vjp` returns is a
+   pytree, so it is passed as an argument to a jitted pullback, which alone is
+   timed. Bars: Shine / JacobianFree <= 1.5, Shine / one batched VJP of f at z*
+   w.r.t. (params, x) <= 1.5 (the floor), Implicit / Shine >= 10 (the SHINE paper's
+   13x was on large CIFAR MDEQs). Also Shine with Broyden memory 10 and 20 (SHINE's
+   own cost is reading the (B, memory, d) inverse buffers), Shine(refine_steps=r),
+   Phantom(5), and Implicit with GMRES (restart 30 and 10) and with fixed-point
+   iteration. Accuracy: cosine of each gradient (w.r.t. the layer's parameters and
+   x, all flattened) with the exact implicit gradient from a dense per-sample solve
+   `(I - J_f)^T w = zbar` at a tightly converged z*.
+2. Forward: optax_pes.Broyden (and its Anderson / FixedPoint) against jaxopt's
+   Broyden (no line search, and its default backtracking line search) and
+   AndersonAcceleration, and optimistix's FixedPointIteration, Chord and Newton
+   (optimistix 0.1 has no Broyden), per sample via `jax.vmap`, same tolerance.
+   optax_pes stops when `|f(z) - z|_2 <= tol * max(1, |z|_2)`; the others take an
+   absolute tolerance, so sample i gets `tol_i = tol * max(1, |z*_i|_2)` (a traced
+   per-sample value) in the same 2-norm: jaxopt's error is `|g|_2`, optimistix gets
+   `norm=two_norm, rtol=0, atol=tol_i`. jaxopt's Broyden solves `z - f(z) = 0` (its
+   inverse starts at +I). Every returned iterate is checked with the same residual.
+   Bar: ours fewer steps and less time.
+
+Layers: random "trained-like" inits, not trained. `||W||_2 = 0.9` (a contraction;
+a Gaussian W of that norm has spectral radius ~0.5, so the layer is easy) and, in
+the default run, `||W||_2 = 2.0` (spectral radius ~1.1: not a contraction in
+norm, ~2.3x more solver steps, a more "trained-like" ill-conditioned Jacobian).
+Timing: everything jitted, warmed up, `block_until_ready`, candidates interleaved
+round-robin, median of `--repeats` calls; float32.
+
+    python benchmarks/deq_backward.py            # d=256, B=256, 2 layers (< 10 min)
+    python benchmarks/deq_backward.py --quick    # d=128, B=64, 1 layer (< 1 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import lineax as lx
+import numpy as np
+import optimistix as optx
+from jax.flatten_util import ravel_pytree
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import jaxopt
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import optax_pes  # noqa: E402
+
+warnings.filterwarnings("ignore", category=DeprecationWarning, module="jaxopt")
+
+MEMORY_SWEEP = (10, 20)  # Broyden memory besides the default 30
+
+NOTES = """
+Notes:
+- JacobianFree and "VJP of f at z*" are the same computation (the DEQ output is
+  f(z*, x) at a stop-gradient z*). Shine adds, per sample, w = zbar - V^T (U zbar):
+  it reads 2 x B x memory x d floats of inverse buffers (memory-bound) against
+  ~4 B d^2 flops for f's VJP with W shared across the batch, so Shine / JFB grows
+  with memory / d: small for conv MDEQs, visible on a dense d=128-256 layer.
+- Implicit / Shine: on a small contractive layer the backward system converges in
+  about as many (cheap, z-only) VJPs as the forward took steps, so a lean implicit
+  backward (fixed point) is only a few Shine backwards. lineax's GMRES runs a full
+  restart cycle with no in-cycle convergence test (plus a residual-only first
+  pass) and orthogonalises at HIGHEST precision, so it costs far more per VJP.
+- Shine's cosine is close to JFB's: Broyden's inverse is accurate on the secant
+  directions the forward explored, not on a random cotangent; refine fixes that.
+- Forward: under vmap a Broyden step streams the (B, memory, d) buffers several
+  times (B^-1 g, B^-1 dg, B^-T dz, the row writes and the batched while loop's
+  select), so its time grows with memory even when a solve fills only 10-25 rows.
+"""
+
+
+# -------------------------------------------------------------------- layer ------
+
+
+class Layer(eqx.Module):
+    """f(z, x) = tanh(W z + U x + b)."""
+
+    w: jax.Array
+    u: jax.Array
+    b: jax.Array
+
+    def __call__(self, z, x):
+        return jnp.tanh(self.w @ z + self.u @ x + self.b)
+
+
+def make_layer(d: int, rho: float, key) -> Layer:
+    kw, ku, kb = jax.random.split(key, 3)
+    w = jax.random.normal(kw, (d, d)) / np.sqrt(d)
+    w = rho * w / jnp.linalg.norm(w, ord=2)
+    u = jax.random.normal(ku, (d, d)) / np.sqrt(d)
+    b = 0.1 * jax.random.normal(kb, (d,))
+    return Layer(w, u, b)
+
+
+# ------------------------------------------------------------------- timing ------
+
+
+def block(tree: Any) -> Any:
+    return jax.block_until_ready(tree)
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Median seconds per call of each (compiled, warmed-up) thunk, round-robin."""
+    for fn in fns.values():
+        block(fn())
+        block(fn())
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            block(fn())
+            samples[name].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def cosine(a, b) -> float:
+    a, b = ravel_pytree(a)[0], ravel_pytree(b)[0]
+    return float(jnp.vdot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b)))
+
+
+def ms(seconds: float) -> str:
+    return f"{1e3 * seconds:9.3f} ms"
+
+
+# ----------------------------------------------------------------- backward ------
+
+
+def deq_pullback(layer: Layer, solver, adjoint, xs, z0):
+    """`(vjp_fn, forward)` of the batched DEQ with `adjoint`.
+
+    `vjp_fn` (a pytree: the residuals of one jitted forward) is what `pull` times;
+    `forward()` reruns the jitted forward + `jax.vjp`. Differentiated w.r.t. the
+    DEQ's array leaves (the layer's parameters) and the inputs xs.
+    """
+    deq = optax_pes.DEQ(layer, solver=solver, adjoint=adjoint)
+    params, static = eqx.partition(deq, eqx.is_inexact_array)
+
+    def batched(params, xs):
+        model = eqx.combine(params, static)
+        return jax.vmap(lambda x: model(x, z0))(xs)
+
+    forward = jax.jit(lambda p, xs: jax.vjp(batched, p, xs))
+    _, vjp_fn = block(forward(params, xs))
+    return vjp_fn, (lambda: forward(params, xs))
+
+
+def layer_pullback(layer: Layer, xs, zs):
+    """One batched VJP of f at z* w.r.t. (params, x): the floor of any backward."""
+    params, static = eqx.partition(layer, eqx.is_inexact_array)
+
+    def batched(params, xs, zs):
+        model = eqx.combine(params, static)
+        return jax.vmap(lambda x, z: model(z, x))(xs, zs)
+
+    forward = jax.jit(lambda p, xs, zs: jax.vjp(lambda p, x: batched(p, x, zs), p, xs))
+    _, vjp_fn = block(forward(params, xs, zs))
+    return vjp_fn
+
+
+@jax.jit
+def pull(vjp_fn, cotangent):
+    return vjp_fn(cotangent)
+
+
+def exact_gradient(layer: Layer, xs, zs, cotangent):
+    """Implicit gradient w.r.t. (layer params, x) by a dense per-sample solve."""
+
+    @jax.jit
+    def run(layer, xs, zs, cotangent):
+        def w_of(x, z, g):
+            jac = jax.jacfwd(lambda z: layer(z, x))(z)
+            eye = jnp.eye(z.shape[0], dtype=z.dtype)
+            return jnp.linalg.solve((eye - jac).T, g)
+
+        ws = jax.vmap(w_of)(xs, zs, cotangent)
+        params, static = eqx.partition(layer, eqx.is_inexact_array)
+
+        def batched(params, xs):
+            model = eqx.combine(params, static)
+            return jax.vmap(lambda x, z: model(z, x))(xs, zs)
+
+        _, vjp_fn = jax.vjp(batched, params, xs)
+        return vjp_fn(ws)
+
+    return run(layer, xs, zs, cotangent)
+
+
+def backward_section(args, layer, xs, z0, zs_exact, cotangent):
+    solver = optax_pes.Broyden(max_steps=args.max_steps, tol=args.tol, memory=30)
+    adjoints: dict[str, Any] = {
+        "JacobianFree": optax_pes.JacobianFree(),
+        "Shine": optax_pes.Shine(),
+        "Shine(fallback)": optax_pes.Shine(fallback=True),
+        **{
+            f"Shine(refine={r})": optax_pes.Shine(refine_steps=r) for r in (1, 2, 5, 10)
+        },
+        "Phantom(5)": optax_pes.Phantom(k=5, damping=0.5),
+        "Implicit(gmres)": optax_pes.Implicit(max_steps=100, tol=args.tol),
+        "Implicit(fixed_point)": optax_pes.Implicit(
+            max_steps=200, tol=args.tol, linear_solver="fixed_point"
+        ),
+    }
+    if not args.quick:
+        adjoints["Implicit(lx.GMRES restart=30)"] = optax_pes.Implicit(
+            max_steps=100,
+            tol=args.tol,
+            linear_solver=lx.GMRES(
+                rtol=args.tol, atol=args.tol, max_steps=100, restart=30
+            ),
+        )
+    vjps: dict[str, Any] = {}
+    fwd_fns: dict[str, Callable[[], Any]] = {}
+    for name, adjoint in adjoints.items():
+        vjps[name], fwd_fns[name] = deq_pullback(layer, solver, adjoint, xs, z0)
+    # SHINE's own cost is reading the (B, memory, d) inverse buffers: sweep memory.
+    for m in args.memory_sweep:
+        small = optax_pes.Broyden(max_steps=args.max_steps, tol=args.tol, memory=m)
+        name = f"Shine(memory={m})"
+        vjps[name], fwd_fns[name] = deq_pullback(
+            layer, small, optax_pes.Shine(), xs, z0
+        )
+    # The floor: one batched VJP of f at the forward's own z* (JFB's output is f(z*)).
+    zs_fwd = block(
+        jax.jit(
+            jax.vmap(lambda x: optax_pes.DEQ(layer, solver=solver).solve(x, z0)[0])
+        )(xs)
+    )
+    vjps["VJP of f at z*"] = layer_pullback(layer, xs, zs_fwd)
+
+    exact = exact_gradient(layer, xs, zs_exact, cotangent)  # (layer grads, x grads)
+    grads = {k: block(pull(v, cotangent)) for k, v in vjps.items()}
+    # DEQ gradients are (DEQ params = {fn: layer params}, xs): compare layer leaves.
+    cos = {}
+    for k, (gp, gx) in grads.items():
+        gp = gp if isinstance(gp, Layer) else gp.fn
+        cos[k] = cosine((gp, gx), exact)
+
+    times = interleaved(
+        {k: (lambda v=v: pull(v, cotangent)) for k, v in vjps.items()}, args.repeats
+    )
+    fwd_time = interleaved(
+        {"Shine": fwd_fns["Shine"], "JacobianFree": fwd_fns["JacobianFree"]},
+        max(3, args.repeats // 5),
+    )
+    return times, cos, fwd_time
+
+
+# ------------------------------------------------------------------ forward ------
+
+
+def residual(layer, xs, zs):
+    return jax.vmap(lambda x, z: jnp.linalg.norm(layer(z, x) - z))(xs, zs)
+
+
+def forward_solvers(args, layer, memory: int):
+    """Name -> jitted fn(xs, z0s, tols) -> (z, steps, f evaluations), per sample."""
+    steps_max = args.max_steps
+
+    def ours(solver):
+        deq = optax_pes.DEQ(layer, solver=solver, adjoint=optax_pes.JacobianFree())
+
+        def one(x, z0, tol):
+            del tol  # ours applies tol * max(1, |z|) itself
+            out, info = deq.solve(x, z0)  # out = f(z*, x); evals: init, steps, out
+            return out, info.steps, info.steps + 2
+
+        return one
+
+    def g_root(z, x):  # root of z - f(z): Jacobian ~ I, jaxopt's gamma=1 init
+        return z - layer(z, x)
+
+    def jaxopt_broyden(linesearch: bool):
+        def one(x, z0, tol):
+            solver = jaxopt.Broyden(
+                fun=g_root,
+                maxiter=steps_max,
+                tol=tol,
+                history_size=memory,
+                stepsize=0.0 if linesearch else 1.0,
+                implicit_diff=False,
+            )
+            z, state = solver.run(z0, x)
+            return z, state.iter_num, state.num_fun_eval
+
+        return one
+
+    def jaxopt_anderson(history: int):
+        def one(x, z0, tol):
+            solver = jaxopt.AndersonAcceleration(
+                fixed_point_fun=lambda z, x: layer(z, x),
+                history_size=history,
+                maxiter=steps_max,
+                tol=tol,
+                implicit_diff=False,
+            )
+            z, state = solver.run(z0, x)
+            return z, state.iter_num, state.num_fun_eval
+
+        return one
+
+    def optx_fixed_point(x, z0, tol):
+        solver = optx.FixedPointIteration(rtol=0.0, atol=tol, norm=optx.two_norm)
+        sol = optx.fixed_point(
+            lambda z, x: layer(z, x), solver, z0, x, max_steps=steps_max, throw=False
+        )
+        n = sol.stats["num_steps"]
+        return sol.value, n, n
+
+    def optx_root(cls):
+        def one(x, z0, tol):
+            solver = cls(rtol=0.0, atol=tol, norm=optx.two_norm)
+            sol = optx.root_find(
+                lambda z, x: layer(z, x) - z,
+                solver,
+                z0,
+                x,
+                max_steps=steps_max,
+                throw=False,
+            )
+            n = sol.stats["num_steps"]
+            return sol.value, n, n
+
+        return one
+
+    ours_tol = args.tol
+    fns = {
+        f"optax_pes.Broyden(m={memory})": ours(
+            optax_pes.Broyden(max_steps=steps_max, tol=ours_tol, memory=memory)
+        ),
+        **{
+            f"optax_pes.Broyden(m={m})": ours(
+                optax_pes.Broyden(max_steps=steps_max, tol=ours_tol, memory=m)
+            )
+            for m in args.memory_sweep
+        },
+        "optax_pes.Anderson(m=5)": ours(
+            optax_pes.Anderson(max_steps=steps_max, tol=ours_tol, memory=5)
+        ),
+        "optax_pes.FixedPoint": ours(
+            optax_pes.FixedPoint(max_steps=steps_max, tol=ours_tol)
+        ),
+        f"jaxopt.Broyden(m={memory})": jaxopt_broyden(linesearch=False),
+        f"jaxopt.Broyden(m={memory}, ls)": jaxopt_broyden(linesearch=True),
+        "jaxopt.Anderson(m=5)": jaxopt_anderson(5),
+        "optx.FixedPointIteration": optx_fixed_point,
+        "optx.Chord": optx_root(optx.Chord),
+        "optx.Newton": optx_root(optx.Newton),
+    }
+    return {k: jax.jit(jax.vmap(f)) for k, f in fns.items()}
+
+
+def forward_section(args, layer, xs, z0s, zs_exact):
+    tols = args.tol * jnp.maximum(1.0, jnp.linalg.norm(zs_exact, axis=-1))
+    fns = forward_solvers(args, layer, memory=30)
+    rows = {}
+    for name, fn in fns.items():
+        z, steps, evals = block(fn(xs, z0s, tols))
+        res = residual(layer, xs, z)
+        rows[name] = {
+            "steps": float(jnp.mean(steps)),
+            "max_steps": int(jnp.max(steps)),
+            "evals": float(jnp.mean(evals)),
+            "ok": float(jnp.mean(res <= 1.01 * tols)),
+            "res": float(jnp.median(res / tols)),
+        }
+    times = interleaved(
+        {k: (lambda f=f: f(xs, z0s, tols)) for k, f in fns.items()},
+        max(5, args.repeats // 3),
+    )
+    return rows, times
+
+
+# --------------------------------------------------------------------- main ------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="d=128, B=64, few reps")
+    parser.add_argument("--dim", type=int, default=None, help="features d")
+    parser.add_argument("--batch", type=int, default=None, help="batch size B")
+    parser.add_argument(
+        "--rho",
+        type=float,
+        nargs="+",
+        default=None,
+        help="spectral norms of W, one layer each (default 0.9 2.0; --quick: 0.9)",
+    )
+    parser.add_argument("--tol", type=float, default=1e-5, help="forward tolerance")
+    parser.add_argument("--max-steps", type=int, default=50, help="forward max steps")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-forward", action="store_true")
+    args = parser.parse_args()
+    args.dim = args.dim or (128 if args.quick else 256)
+    args.batch = args.batch or (64 if args.quick else 256)
+    args.repeats = args.repeats or (15 if args.quick else 60)
+    args.rho = args.rho or ([0.9] if args.quick else [0.9, 2.0])
+    args.memory_sweep = () if args.quick else MEMORY_SWEEP
+    print(
+        f"jax {jax.__version__} on {jax.devices()[0].device_kind} "
+        f"({jax.device_count()} device(s), {os.cpu_count()} CPU cores); "
+        f"d={args.dim}, B={args.batch}, tol={args.tol}, repeats={args.repeats}, "
+        "float32"
+    )
+    start = time.perf_counter()
+    tables = [run_layer(args, rho) for rho in args.rho]
+    for table in tables:
+        print("\n" + table)
+    print(NOTES)
+    print(f"(total {time.perf_counter() - start:.0f} s)")
+
+
+def run_layer(args, rho: float) -> str:
+    """Both sections on the layer with ||W||_2 = rho; returns its summary table."""
+    key = jax.random.key(args.seed)
+    k_layer, k_x, k_ct = jax.random.split(key, 3)
+    layer = make_layer(args.dim, rho, k_layer)
+    radius = float(jnp.max(jnp.abs(jnp.linalg.eigvals(np.asarray(layer.w)))))
+    print(f"\n######## layer ||W||_2 = {rho} (spectral radius {radius:.2f})")
+    xs = jax.random.normal(k_x, (args.batch, args.dim))
+    z0 = jnp.zeros((args.dim,))
+    cotangent = jax.random.normal(k_ct, (args.batch, args.dim))
+
+    # A tightly converged z* for the exact gradient and the per-sample tolerances.
+    tight = optax_pes.DEQ(
+        layer, solver=optax_pes.Broyden(max_steps=200, tol=1e-7, memory=60)
+    )
+    zs_exact = block(jax.jit(jax.vmap(lambda x: tight.solve(x, z0)[0]))(xs))
+    res_exact = residual(layer, xs, zs_exact)
+    print(
+        f"reference z*: max |f(z*)-z*| = {float(jnp.max(res_exact)):.2e}, "
+        f"mean |z*| = {float(jnp.mean(jnp.linalg.norm(zs_exact, axis=-1))):.2f}"
+    )
+
+    t0 = time.perf_counter()
+    times, cos, fwd_time = backward_section(args, layer, xs, z0, zs_exact, cotangent)
+    print(f"\n== Backward: pullback only, median of {args.repeats} interleaved calls")
+    print(
+        f"   (the DEQ forward, with jax.vjp, takes {ms(fwd_time['Shine'])} for Shine)"
+    )
+    print(f"{'':24} {'time':>12} {'/ Shine':>9} {'cos(exact)':>12}")
+    shine = times["Shine"]
+    for k, t in times.items():
+        print(f"{k:24} {ms(t)} {t / shine:9.2f} {cos[k]:12.7f}")
+    print(f"(backward section: {time.perf_counter() - t0:.0f} s)")
+
+    rows, ftimes = {}, {}
+    if not args.skip_forward:
+        t0 = time.perf_counter()
+        rows, ftimes = forward_section(args, layer, xs, jnp.zeros_like(xs), zs_exact)
+        print(
+            "\n== Forward: per-sample solves (vmap), same 2-norm test "
+            "|f(z)-z| <= tol*max(1,|z*|)"
+        )
+        print(
+            f"{'':30} {'mean steps':>10} {'max':>4} {'f evals':>8} {'conv.':>6} "
+            f"{'res/tol':>8} {'time':>12}"
+        )
+        for k, r in rows.items():
+            print(
+                f"{k:30} {r['steps']:10.1f} {r['max_steps']:4d} {r['evals']:8.1f} "
+                f"{r['ok']:6.0%} {r['res']:8.2f} {ms(ftimes[k])}"
+            )
+        print(f"(forward section: {time.perf_counter() - t0:.0f} s)")
+
+    return summary(args, rho, times, cos, rows, ftimes)
+
+
+def summary(args, rho, times, cos, rows, ftimes) -> str:
+    """A markdown table of the ratios (paste into a README)."""
+    shine, jfb = times["Shine"], times["JacobianFree"]
+    out = [
+        f"== Summary: ||W||_2={rho}, d={args.dim}, B={args.batch}, tol={args.tol}, "
+        "CPU, float32\n",
+        "| measure | value | bar |",
+        "|---|---|---|",
+        f"| Shine / JacobianFree, backward time | {shine / jfb:.2f} | <= 1.5 |",
+        f"| Shine / one batched VJP of f at z* | "
+        f"{shine / times['VJP of f at z*']:.2f} | <= 1.5 |",
+    ]
+    for m in args.memory_sweep:
+        k = f"Shine(memory={m})"
+        out.append(
+            f"| {k} / JacobianFree (cos {cos[k]:.4f}) | {times[k] / jfb:.2f} | |"
+        )
+    for k, label, bar in (
+        ("Implicit(gmres)", f"Implicit(tol={args.tol}, default GMRES)", ">= 10"),
+        ("Implicit(lx.GMRES restart=30)", "Implicit(lx.GMRES restart=30)", ""),
+        ("Implicit(fixed_point)", "Implicit(fixed point)", ""),
+    ):
+        if k in times:
+            out.append(f"| {label} / Shine | {times[k] / shine:.1f} | {bar} |")
+    names = ["JacobianFree", "Shine", "Shine(fallback)", "Phantom(5)"]
+    names += [f"Shine(refine={r})" for r in (1, 2, 5, 10)] + ["Implicit(gmres)"]
+    bars = {"Shine(refine=5)": "cos > 0.999", "Implicit(gmres)": "cos > 0.9999"}
+    for k in names:
+        out.append(
+            f"| {k}: cosine with exact, time / Shine | {cos[k]:.6f}, "
+            f"{times[k] / shine:.2f} | {bars.get(k, '')} |"
+        )
+    if rows:
+        ours = "optax_pes.Broyden(m=30)"
+        r0 = rows[ours]
+        out.append(
+            f"| forward {ours}: mean steps, time | {r0['steps']:.1f}, "
+            f"{1e3 * ftimes[ours]:.2f} ms | |"
+        )
+        for k, r in rows.items():
+            if k != ours:
+                out.append(
+                    f"| forward {k} / ours: steps, time | "
+                    f"{r['steps'] / r0['steps']:.2f}, {ftimes[k] / ftimes[ours]:.2f} "
+                    "| > 1 |"
+                )
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()

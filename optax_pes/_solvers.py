@@ -9,7 +9,6 @@ import abc
 from typing import Any, ClassVar, NamedTuple
 
 import equinox as eqx
-import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
@@ -34,35 +33,21 @@ class SolveInfo(NamedTuple):
 class LowRankInverse(eqx.Module):
     r"""Broyden's inverse-Jacobian estimate $B^{-1} = -I + U^\top V$ of $g = f - I$.
 
-    `u` and `v` hold one update per row; rows at or past `count` are zero. Applying
-    it, or its transpose, costs $O(\text{count} \times d)$: only the filled rows
-    are read (rounded up to a quarter, half or all of `memory`; under `jax.vmap` to
-    the fullest sample's count), which matters when the solve converged in fewer
-    steps than `memory`.
+    `u` and `v` hold one update per row (unused rows are zero); applying it, or its
+    transpose, costs $O(\text{memory} \times d)$. (Reading only the filled rows was
+    measured slower on CPU: the slices are materialised.)
     """
 
     u: Float[Array, "memory d"]
     v: Float[Array, "memory d"]
-    count: Int[Array, ""]  # rows in use, <= memory
-
-    def _apply(self, left: Array, right: Array, x: Array) -> Array:
-        """`-x + left.T @ (right @ x)` over the filled rows only."""
-        memory = left.shape[0]
-        sizes = sorted({max(1, -(-memory * k // 4)) for k in (1, 2, 4)})
-        used = eqxi.unvmap_max(self.count)  # unbatched: picks one branch
-        bucket = sum((used > size).astype(jnp.int32) for size in sizes[:-1])
-        branches = [
-            lambda x, s=size: -x + left[:s].T @ (right[:s] @ x) for size in sizes
-        ]
-        return jax.lax.switch(bucket, branches, x)
 
     def mv(self, x: Float[Array, " d"]) -> Float[Array, " d"]:
         """$B^{-1} x$."""
-        return self._apply(self.u, self.v, x)
+        return -x + self.u.T @ (self.v @ x)
 
     def rmv(self, x: Float[Array, " d"]) -> Float[Array, " d"]:
         r"""$B^{-\top} x$."""
-        return self._apply(self.v, self.u, x)
+        return -x + self.v.T @ (self.u @ x)
 
     def as_matrix(self) -> Float[Array, "d d"]:
         """The dense estimate (for tests and small problems)."""
@@ -251,8 +236,7 @@ class Broyden(AbstractSolver):
         )
 
     def inverse(self, state):
-        count = jnp.minimum(state.index, self.memory)
-        return LowRankInverse(state.u, state.v, count)
+        return LowRankInverse(state.u, state.v)
 
 
 # --------------------------------------------------------------------- Anderson ----

@@ -9,6 +9,7 @@ import abc
 from typing import Any, ClassVar, NamedTuple
 
 import equinox as eqx
+import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
@@ -84,8 +85,12 @@ class AbstractSolver(eqx.Module):
         """The state at `z0`; must have fields `z` and `g = fn(z) - z`."""
 
     @abc.abstractmethod
-    def step(self, fn: FlatFn, state: Any) -> Any:
-        """One iteration."""
+    def step(self, fn: FlatFn, state: Any, active: Bool[Array, ""]) -> Any:
+        """One iteration; where `active` is False the state must come back unchanged.
+
+        (Under `jax.vmap` the loop runs until every sample is done; masking inside
+        the step, row by row, avoids a select over whole history buffers.)
+        """
 
     def inverse(self, state: Any) -> LowRankInverse | None:
         """The inverse-Jacobian estimate the backward pass may reuse (or None)."""
@@ -97,7 +102,8 @@ class _Driver(NamedTuple):
     best_z: Array
     best_res: Array
     first_res: Array
-    steps: Array
+    iteration: Array  # loop counter (not batched under vmap)
+    steps: Array  # this sample's steps
     stall: Array
     done: Array
 
@@ -112,39 +118,53 @@ def solve(
     """Run `solver` on `fn` from `z0`; return the lowest-residual iterate.
 
     Not differentiable (call it on stop-gradient inputs): the DEQ's adjoints define
-    the derivative.
+    the derivative. Under `jax.vmap` the loop's predicate is unbatched (any sample
+    still running) and finished samples are masked inside the step, so the history
+    buffers are never copied wholesale by a batched `while_loop`.
     """
     state = solver.init(fn, z0)
     res0 = jnp.linalg.norm(state.g)
+    zero = jnp.zeros((), jnp.int32)
     carry = _Driver(
         state=state,
         best_z=state.z,
         best_res=res0,
         first_res=res0,
-        steps=jnp.zeros((), jnp.int32),
-        stall=jnp.zeros((), jnp.int32),
+        iteration=zero,
+        steps=zero,
+        stall=zero,
         done=_converged(res0, state.z, solver.tol) | ~jnp.isfinite(res0),
     )
 
     def cond(c: _Driver):
-        return ~c.done & (c.steps < solver.max_steps)
+        return eqxi.unvmap_any(~c.done) & (c.iteration < solver.max_steps)
 
     def body(c: _Driver):
-        state = solver.step(fn, c.state)
+        active = ~c.done
+        state = solver.step(fn, c.state, active)
         res = jnp.linalg.norm(state.g)
         finite = jnp.isfinite(res)
-        better = finite & (res < c.best_res)
+        better = active & finite & (res < c.best_res)
         improved = finite & (res < (1 - 1e-3) * c.best_res)
         best_z = jnp.where(better, state.z, c.best_z)
         best_res = jnp.where(better, res, c.best_res)
         stall = jnp.where(improved, 0, c.stall + 1)
-        done = (
+        done = c.done | (
             _converged(best_res, best_z, solver.tol)
             | ~finite
             | (res > _DIVERGENCE_FACTOR * c.first_res)
             | (stall >= _STAGNATION_STEPS)
         )
-        return _Driver(state, best_z, best_res, c.first_res, c.steps + 1, stall, done)
+        return _Driver(
+            state,
+            best_z,
+            best_res,
+            c.first_res,
+            c.iteration + 1,
+            c.steps + active.astype(jnp.int32),
+            stall,
+            done,
+        )
 
     carry = jax.lax.while_loop(cond, body, carry)
     norm_z = jnp.linalg.norm(carry.best_z)
@@ -158,6 +178,10 @@ def solve(
     return carry.best_z, info, solver.inverse(carry.state)
 
 
+def _keep(active: Array, new: Array, old: Array) -> Array:
+    return jnp.where(active, new, old)
+
+
 # ---------------------------------------------------------------------- Broyden ----
 
 
@@ -167,7 +191,7 @@ class _BroydenState(NamedTuple):
     inv_g: Array  # B^-1 g with the current inverse: the next step is -inv_g
     u: Array  # (memory, d)
     v: Array  # (memory, d)
-    index: Array  # updates made so far; the next goes to row index % memory
+    index: Array  # iterations so far; row index % memory is written next
 
 
 class Broyden(AbstractSolver):
@@ -210,7 +234,7 @@ class Broyden(AbstractSolver):
         g = fn(z0) - z0
         return _BroydenState(z0, g, -g, zeros, zeros, jnp.zeros((), jnp.int32))
 
-    def step(self, fn, state):
+    def step(self, fn, state, active):
         inv = self.inverse(state)
         dz = -state.inv_g
         z = state.z + dz
@@ -223,16 +247,18 @@ class Broyden(AbstractSolver):
         ok = jnp.isfinite(denom) & (jnp.abs(denom) > tiny) & jnp.all(jnp.isfinite(g))
         u = jnp.where(ok, (dz - inv_dg) / jnp.where(ok, denom, 1), 0)
         v = jnp.where(ok, v, 0)
-        slot = state.index % self.memory
         # Sherman-Morrison: the updated inverse applied to g, without another pass.
         inv_g = inv_g + u * jnp.dot(v, g)
+        # A skipped update (or a finished sample) writes its row back unchanged.
+        slot = state.index % self.memory
+        write = active & ok
         return _BroydenState(
-            z,
-            g,
-            inv_g,
-            state.u.at[slot].set(u),
-            state.v.at[slot].set(v),
-            state.index + ok.astype(jnp.int32),
+            _keep(active, z, state.z),
+            _keep(active, g, state.g),
+            _keep(active, inv_g, state.inv_g),
+            state.u.at[slot].set(_keep(write, u, state.u[slot])),
+            state.v.at[slot].set(_keep(write, v, state.v[slot])),
+            state.index + 1,
         )
 
     def inverse(self, state):
@@ -282,7 +308,7 @@ class Anderson(AbstractSolver):
         fs = jnp.zeros((self.memory,) + z0.shape, z0.dtype).at[0].set(f0)
         return _AndersonState(z0, f0 - z0, xs, fs, jnp.ones((), jnp.int32))
 
-    def step(self, fn, state):
+    def step(self, fn, state, active):
         m = self.memory
         used = (jnp.arange(m) < state.count).astype(state.z.dtype)
         gs = (state.fs - state.xs) * used[:, None]
@@ -335,6 +361,7 @@ class FixedPoint(AbstractSolver):
     def init(self, fn, z0):
         return _FixedPointState(z0, fn(z0) - z0)
 
-    def step(self, fn, state):
+    def step(self, fn, state, active):
         z = state.z + self.damping * state.g
-        return _FixedPointState(z, fn(z) - z)
+        g = fn(z) - z
+        return _FixedPointState(_keep(active, z, state.z), _keep(active, g, state.g))

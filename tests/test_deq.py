@@ -128,7 +128,7 @@ def _broyden_on_linear(a, x, max_steps, memory=None):
     state = solver.init(layer, jnp.zeros_like(x))
     steps = []
     for _ in range(max_steps):
-        new = solver.step(layer, state)
+        new = solver.step(layer, state, jnp.asarray(True))
         steps.append((new.z - state.z, new.g - state.g))
         state = new
     return solver.inverse(state), steps

@@ -8,6 +8,10 @@ from optax_pes._adjoints import (
     Phantom as Phantom,
     Shine as Shine,
 )
+from optax_pes._bilevel import (
+    BilevelState as BilevelState,
+    shine_bilevel as shine_bilevel,
+)
 from optax_pes._deq import DEQ as DEQ
 from optax_pes._estimator import (
     Diagnostics as Diagnostics,

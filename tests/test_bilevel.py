@@ -1,0 +1,223 @@
+"""SHINE hypergradients on l2-regularised logistic regression (breast-cancer data)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from sklearn.datasets import load_breast_cancer
+
+import optax_pes
+
+METHODS = ["shine", "shine_opa", "shine_refine", "implicit", "jacobian_free"]
+
+
+def _data():
+    """Half for training, half held out (standardised with the training half's
+    statistics): the held-out loss then has an interior minimum, near lambda = -5.4."""
+    x, y = load_breast_cancer(return_X_y=True)
+    order = np.random.RandomState(0).permutation(len(y))
+    x, y = x[order], y[order].astype(np.float64)
+    n = len(y) // 2
+    x = (x - x[:n].mean(0)) / x[:n].std(0)
+    return (x[:n], y[:n]), (x[n:], y[n:])
+
+
+def _log_loss(w, x, y):
+    z = x @ w
+    return jnp.mean(jnp.logaddexp(0.0, z) - y * z)
+
+
+(X_TRAIN, Y_TRAIN), (X_VAL, Y_VAL) = _data()
+
+
+def inner_loss(w, lam):
+    return _log_loss(w, X_TRAIN, Y_TRAIN) + 0.5 * jnp.sum(jnp.exp(lam) * w**2)
+
+
+def outer_loss(w, lam):
+    return _log_loss(w, X_VAL, Y_VAL)
+
+
+def newton_solution(lam):
+    w = jnp.zeros(X_TRAIN.shape[1])
+    for _ in range(30):
+        hess = jax.hessian(inner_loss)(w, lam)
+        w = w - jnp.linalg.solve(hess, jax.grad(inner_loss)(w, lam))
+    return w
+
+
+def exact_hypergradient(lam):
+    """Dense reference: grad_h g - (d_h grad_w f)^T H^-1 grad_w g at w*."""
+    w = newton_solution(lam)
+    v = jnp.linalg.solve(jax.hessian(inner_loss)(w, lam), jax.grad(outer_loss)(w, lam))
+    mixed = jax.jacobian(lambda h: jax.grad(inner_loss)(w, h))(lam)
+    return jax.grad(outer_loss, argnums=1)(w, lam) - jnp.tensordot(v, mixed, axes=1)
+
+
+def hypergradient(lam, method, **kwargs):
+    tx = optax_pes.shine_bilevel(
+        inner_loss,
+        outer_loss,
+        inner_init=jnp.zeros(X_TRAIN.shape[1]),
+        method=method,
+        inner_tol=1e-8,
+        inner_max_steps=500,
+        **kwargs,
+    )
+    estimate, state = jax.jit(tx.update)(jnp.zeros_like(lam), tx.init(lam), lam)
+    assert bool(state.inner_converged)
+    return estimate
+
+
+def cosine(a, b):
+    return float(jnp.vdot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b)))
+
+
+PER_FEATURE = [jnp.full(30, -2.0), jnp.linspace(-4.0, 0.0, 30)]
+
+
+def test_per_feature_hypergradients_match_the_exact_one(x64):
+    bounds = {"implicit": 0.9999, "shine_refine": 0.999, "shine": 0.9, "shine_opa": 0.9}
+    cosines = {m: [] for m in bounds}
+    for lam in PER_FEATURE:
+        exact = exact_hypergradient(lam)
+        for method, bound in bounds.items():
+            c = cosine(hypergradient(lam, method), exact)
+            assert c > bound, (method, c)
+            cosines[method].append(c)
+    # Outer-problem awareness puts curvature where the hypergradient needs it.
+    assert np.mean(cosines["shine_opa"]) > np.mean(cosines["shine"])
+
+
+@pytest.mark.parametrize(
+    "method, rtol",
+    [("implicit", 1e-6), ("shine_refine", 1e-4), ("shine", 0.2), ("shine_opa", 0.1)],
+)
+def test_scalar_hypergradient_relative_error(method, rtol, x64):
+    lam = jnp.asarray(-3.0)
+    exact = exact_hypergradient(lam)
+    np.testing.assert_allclose(hypergradient(lam, method), exact, rtol=rtol)
+
+
+def _grid_minimum():
+    lams = np.linspace(-10.0, 2.0, 241)
+    solve = jax.jit(jax.vmap(newton_solution))
+    losses = jax.vmap(outer_loss)(solve(jnp.asarray(lams)), jnp.asarray(lams))
+    return float(jnp.min(losses))
+
+
+@pytest.mark.parametrize("method", ["shine", "shine_opa", "shine_refine", "implicit"])
+def test_hyperparameter_optimisation_reaches_the_grid_minimum(method, x64):
+    tx = optax.chain(
+        optax_pes.shine_bilevel(
+            inner_loss,
+            outer_loss,
+            inner_init=jnp.zeros(30),
+            method=method,
+            inner_tol=optax.exponential_decay(1e-3, 1, 0.9, end_value=1e-8),
+            inner_max_steps=200,
+        ),
+        optax.adam(0.1),
+    )
+    lam = jnp.asarray(0.0)
+    state = tx.init(lam)
+
+    @jax.jit
+    def run(lam, state):
+        def body(carry, _):
+            lam, state = carry
+            updates, state = tx.update(jnp.zeros(()), state, lam)
+            return (optax.apply_updates(lam, updates), state), None
+
+        return jax.lax.scan(body, (lam, state), None, length=150)[0]
+
+    lam, state = run(lam, state)
+    held_out = float(outer_loss(newton_solution(lam), lam))
+    assert held_out < _grid_minimum() + 1e-3
+
+
+def test_extra_arguments_reach_both_losses(x64):
+    def inner(w, lam, *, x, y):
+        return _log_loss(w, x, y) + 0.5 * jnp.exp(lam) * jnp.sum(w**2)
+
+    def outer(w, lam, *, x, y):
+        return _log_loss(w, X_VAL, Y_VAL) + 0.0 * jnp.sum(x)
+
+    tx = optax_pes.shine_bilevel(
+        inner, outer, inner_init=jnp.zeros(30), inner_tol=1e-8, method="implicit"
+    )
+    lam = jnp.asarray(-3.0)
+    estimate, _ = tx.update(jnp.zeros(()), tx.init(lam), lam, x=X_TRAIN, y=Y_TRAIN)
+    np.testing.assert_allclose(estimate, exact_hypergradient(lam), rtol=1e-6)
+
+
+def test_inner_solve_hitting_max_steps_is_reported():
+    tx = optax_pes.shine_bilevel(
+        inner_loss, outer_loss, inner_init=jnp.zeros(30), inner_max_steps=2
+    )
+    lam = jnp.asarray(-3.0)
+    estimate, state = tx.update(jnp.zeros(()), tx.init(lam), lam)
+    assert not bool(state.inner_converged)
+    assert int(state.inner_steps) == 2 and np.isfinite(float(state.inner_grad_norm))
+    assert np.isfinite(float(estimate))
+
+
+def test_warm_start_and_no_recompilation(x64):
+    tx = optax_pes.shine_bilevel(inner_loss, outer_loss, inner_init=jnp.zeros(30))
+    lam = jnp.asarray(-3.0)
+    traces = []
+
+    @jax.jit
+    def update(state, lam):
+        traces.append(1)
+        return tx.update(jnp.zeros(()), state, lam)
+
+    _, state = update(tx.init(lam), lam)
+    first = int(state.inner_steps)
+    _, state = update(state, lam + 0.01)
+    assert int(state.inner_steps) < first  # warm-started from the last solution
+    assert len(traces) == 1
+    assert state.count == 2 and state.hypergrad_norm > 0
+
+
+def _loss_returning(out):
+    return lambda w, lam: out
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(method="newton"), ValueError, "method must be one of"),
+        (dict(inner_max_steps=0), ValueError, "inner_max_steps must be >= 1"),
+        (dict(inner_tol=0.0), ValueError, "inner_tol must be a positive float"),
+        (dict(inner_init=jnp.zeros(3, jnp.int32)), TypeError, "inner_init must be"),
+        (dict(inner_optimizer=optax.adam(1e-2)), ValueError, "scale_by_lbfgs"),
+    ],
+)
+def test_bad_factory_arguments(kwargs, error, match):
+    full = dict(inner_init=jnp.zeros(30)) | kwargs
+    with pytest.raises(error, match=match):
+        optax_pes.shine_bilevel(inner_loss, outer_loss, **full)
+
+
+def test_bad_losses_and_hyperparameters():
+    def vector_inner(w, lam):
+        return w**2
+
+    # The losses may need the update's keyword arguments, so they are checked there.
+    lam = jnp.asarray(0.0)
+    tx = optax_pes.shine_bilevel(vector_inner, outer_loss, inner_init=jnp.zeros(30))
+    with pytest.raises(ValueError, match="inner_loss must return a float scalar"):
+        tx.update(lam, tx.init(lam), lam)
+    tx = optax_pes.shine_bilevel(inner_loss, outer_loss, inner_init=jnp.zeros(4))
+    with pytest.raises(ValueError, match="do inner_init"):
+        tx.update(lam, tx.init(lam), lam)
+    tx = optax_pes.shine_bilevel(inner_loss, outer_loss, inner_init=jnp.zeros(30))
+    state = tx.init(lam)
+    with pytest.raises(ValueError, match="do inner_init"):
+        tx.update(jnp.zeros(7), state, jnp.zeros(7))  # one per feature needs 30
+    with pytest.raises(TypeError, match="hyperparameters"):
+        tx.init(jnp.asarray(1, jnp.int32))
+    with pytest.raises(ValueError, match="needs params"):
+        tx.update(jnp.zeros(()), state)

@@ -39,6 +39,56 @@ class EstimatorState(NamedTuple):
     diagnostics: Diagnostics  # what the last update saw, for logging
 
 
+def initial_state(
+    system: UnrolledSystem,
+    params: PyTree,
+    key: PRNGKeyArray,
+    *,
+    num_states: int,
+    offsets: np.ndarray,
+    noise: PyTree,
+) -> "EstimatorState":
+    """Every group starts a fresh episode at the first update; `num_states` inner
+    states (zeros until then), the first episodes shortened by `offsets`."""
+    return EstimatorState(
+        count=jnp.zeros((), jnp.int32),
+        rng_key=key,
+        inner_state=empty_inner_state(system, params, num_states),
+        remaining=jnp.asarray(system.horizon - offsets, jnp.int32),
+        needs_init=jnp.ones(len(offsets), bool),
+        noise=noise,
+        diagnostics=zero_diagnostics(),
+    )
+
+
+def next_state(
+    state: "EstimatorState",
+    rng_key: PRNGKeyArray,
+    result: WindowResult,
+    valid: Bool[Array, " groups"],
+    estimate: PyTree,
+    *,
+    inner_state: PyTree,
+    noise: PyTree,
+    num_members: int,
+    truncation_length: int,
+    horizon: int,
+) -> "EstimatorState":
+    """The state after a window: invalid groups restart, diagnostics recorded."""
+    remaining, needs_init = next_episode_flags(result, valid, horizon)
+    return EstimatorState(
+        count=state.count + 1,
+        rng_key=rng_key,
+        inner_state=inner_state,
+        remaining=remaining,
+        needs_init=needs_init,
+        noise=noise,
+        diagnostics=diagnostics(
+            result, valid, estimate, num_members, truncation_length
+        ),
+    )
+
+
 def zero_diagnostics() -> Diagnostics:
     zero = jnp.zeros((), jnp.float32)
     return Diagnostics(zero, zero, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))

@@ -72,14 +72,13 @@ def nres(
         est.check_against_system(system, params)
         flat, _ = est.flatten(params)
         directions = jnp.zeros((num_groups,) + flat.shape, flat.dtype)
-        return est.EstimatorState(
-            count=jnp.zeros((), jnp.int32),
-            rng_key=key,
-            inner_state=est.empty_inner_state(system, params, num_particles),
-            remaining=jnp.asarray(horizon - offsets, jnp.int32),
-            needs_init=jnp.ones(num_groups, bool),
+        return est.initial_state(
+            system,
+            params,
+            key,
+            num_states=num_particles,
+            offsets=offsets,
             noise=(directions, jnp.ones(num_groups, flat.dtype)),
-            diagnostics=est.zero_diagnostics(),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -121,17 +120,17 @@ def nres(
         estimate = est.score_estimate(result, valid, signs, score_before, score_after)
         new_dirs = jnp.where(result.reset_inside[:, None], fresh, dirs)
         new_sigmas = jnp.where(result.reset_inside, scale, sigmas)
-        remaining, needs_init = est.next_episode_flags(result, valid, horizon)
-        new_state = est.EstimatorState(
-            count=state.count + 1,
-            rng_key=rng_key,
+        new_state = est.next_state(
+            state,
+            rng_key,
+            result,
+            valid,
+            estimate,
             inner_state=result.inner_state,
-            remaining=remaining,
-            needs_init=needs_init,
             noise=(new_dirs, new_sigmas),
-            diagnostics=est.diagnostics(
-                result, valid, estimate, members, truncation_length
-            ),
+            num_members=members,
+            truncation_length=truncation_length,
+            horizon=horizon,
         )
         return est.add_estimate(updates, unravel(estimate)), new_state
 

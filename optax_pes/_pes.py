@@ -145,14 +145,13 @@ def _persistent(
     def init_fn(params: PyTree) -> est.EstimatorState:
         est.check_against_system(system, params)
         flat, _ = est.flatten(params)
-        return est.EstimatorState(
-            count=jnp.zeros((), jnp.int32),
-            rng_key=key,
-            inner_state=est.empty_inner_state(system, params, num_particles),
-            remaining=jnp.asarray(horizon - offsets, jnp.int32),
-            needs_init=jnp.ones(num_groups, bool),
+        return est.initial_state(
+            system,
+            params,
+            key,
+            num_states=num_particles,
+            offsets=offsets,
             noise=jnp.zeros((num_groups,) + flat.shape, flat.dtype),
-            diagnostics=est.zero_diagnostics(),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -190,17 +189,17 @@ def _persistent(
         restart = (result.needs_init | ~valid)[:, None]
         noise = jnp.where(result.reset_inside[:, None], score, accumulated)
         noise = jnp.where(restart, 0, noise)
-        remaining, needs_init = est.next_episode_flags(result, valid, horizon)
-        new_state = est.EstimatorState(
-            count=state.count + 1,
-            rng_key=rng_key,
+        new_state = est.next_state(
+            state,
+            rng_key,
+            result,
+            valid,
+            estimate,
             inner_state=result.inner_state,
-            remaining=remaining,
-            needs_init=needs_init,
             noise=noise,
-            diagnostics=est.diagnostics(
-                result, valid, estimate, members, truncation_length
-            ),
+            num_members=members,
+            truncation_length=truncation_length,
+            horizon=horizon,
         )
         return est.add_estimate(updates, unravel(estimate)), new_state
 

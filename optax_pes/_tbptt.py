@@ -56,14 +56,13 @@ def tbptt(
 
     def init_fn(params: PyTree) -> est.EstimatorState:
         est.check_against_system(system, params)
-        return est.EstimatorState(
-            count=jnp.zeros((), jnp.int32),
-            rng_key=key,
-            inner_state=est.empty_inner_state(system, params, num_particles),
-            remaining=jnp.asarray(horizon - offsets, jnp.int32),
-            needs_init=jnp.ones(num_particles, bool),
+        return est.initial_state(
+            system,
+            params,
+            key,
+            num_states=num_particles,
+            offsets=offsets,
             noise=(),
-            diagnostics=est.zero_diagnostics(),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -107,15 +106,17 @@ def tbptt(
             ),
             grads,
         )
-        remaining, needs_init = est.next_episode_flags(result, valid, horizon)
-        new_state = est.EstimatorState(
-            count=state.count + 1,
-            rng_key=rng_key,
+        new_state = est.next_state(
+            state,
+            rng_key,
+            result,
+            valid,
+            estimate,
             inner_state=result.inner_state,
-            remaining=remaining,
-            needs_init=needs_init,
             noise=(),
-            diagnostics=est.diagnostics(result, valid, estimate, 1, truncation_length),
+            num_members=1,
+            truncation_length=truncation_length,
+            horizon=horizon,
         )
         return est.add_estimate(updates, estimate), new_state
 

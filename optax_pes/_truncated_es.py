@@ -1,7 +1,6 @@
 """Truncated Evolution Strategies: ES on one window from a shared, unperturbed state."""
 
 import jax
-import jax.numpy as jnp
 import optax
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
@@ -64,14 +63,13 @@ def truncated_es(
 
     def init_fn(params: PyTree) -> est.EstimatorState:
         est.check_against_system(system, params)
-        return est.EstimatorState(
-            count=jnp.zeros((), jnp.int32),
-            rng_key=key,
-            inner_state=est.empty_inner_state(system, params, num_groups),
-            remaining=jnp.asarray(horizon - offsets, jnp.int32),
-            needs_init=jnp.ones(num_groups, bool),
+        return est.initial_state(
+            system,
+            params,
+            key,
+            num_states=num_groups,
+            offsets=offsets,
             noise=(),
-            diagnostics=est.zero_diagnostics(),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -106,17 +104,17 @@ def truncated_es(
         centre = jax.tree.map(
             lambda x: x[(members - 1) * num_groups :], result.inner_state
         )
-        remaining, needs_init = est.next_episode_flags(result, valid, horizon)
-        new_state = est.EstimatorState(
-            count=state.count + 1,
-            rng_key=rng_key,
+        new_state = est.next_state(
+            state,
+            rng_key,
+            result,
+            valid,
+            estimate,
             inner_state=centre,
-            remaining=remaining,
-            needs_init=needs_init,
             noise=(),
-            diagnostics=est.diagnostics(
-                result, valid, estimate, members, truncation_length
-            ),
+            num_members=members,
+            truncation_length=truncation_length,
+            horizon=horizon,
         )
         return est.add_estimate(updates, unravel(estimate)), new_state
 

@@ -281,6 +281,29 @@ def perturb(
     return jnp.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
 
 
+class WindowNoise(NamedTuple):
+    """A window's fresh perturbations, for the estimators that draw one per window."""
+
+    score: Array  # (groups, dim): eps / sigma^2 = z / sigma of the `+` member
+    thetas: PyTree  # per-particle perturbed theta, member-major
+    unravel: Any  # flat vector -> params pytree
+
+
+def window_noise(
+    key: PRNGKeyArray,
+    params: PyTree,
+    sigma: Any,
+    num_groups: int,
+    signs: Sequence[float],
+) -> WindowNoise:
+    """Draw z ~ N(0, I) per group; theta_i = theta + sign_i sigma z."""
+    scale = checked_sigma(sigma)
+    flat, unravel = flatten(params)
+    normal = jax.random.normal(key, (num_groups, flat.size), flat.dtype)
+    thetas = unflatten_particles(unravel, perturb(flat, normal, signs, scale))
+    return WindowNoise(normal / scale.astype(flat.dtype), thetas, unravel)
+
+
 def unflatten_particles(unravel: Any, thetas: Float[Array, "particles dim"]) -> PyTree:
     return jax.vmap(unravel)(thetas)
 

@@ -1,6 +1,5 @@
 """Persistent Evolution Strategies (PES) and full-unroll ES, which is PES with K = T."""
 
-import jax
 import jax.numpy as jnp
 import optax
 from jaxtyping import Array, PRNGKeyArray, PyTree
@@ -159,13 +158,8 @@ def _persistent(
         est.require_params(params, name)
         loss_dtype = est.check_against_system(system, params)
         rng_key, noise_key, window_key = est.split_key(state.rng_key)
-        scale = est.checked_sigma(sigma)
-        flat, unravel = est.flatten(params)
-        normal = jax.random.normal(noise_key, (num_groups, flat.size), flat.dtype)
-        # eps = scale * z; its score eps / scale^2 = z / scale.
-        score = normal / scale.astype(flat.dtype)
-        thetas = est.unflatten_particles(
-            unravel, est.perturb(flat, normal, signs, scale)
+        score, thetas, unravel = est.window_noise(
+            noise_key, params, sigma, num_groups, signs
         )
         result = run_window(
             system,

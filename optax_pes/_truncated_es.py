@@ -77,12 +77,8 @@ def truncated_es(
         est.require_params(params, "truncated_es")
         loss_dtype = est.check_against_system(system, params)
         rng_key, noise_key, window_key = est.split_key(state.rng_key)
-        scale = est.checked_sigma(sigma)
-        flat, unravel = est.flatten(params)
-        normal = jax.random.normal(noise_key, (num_groups, flat.size), flat.dtype)
-        score = normal / scale.astype(flat.dtype)
-        thetas = est.unflatten_particles(
-            unravel, est.perturb(flat, normal, signs, scale)
+        score, thetas, unravel = est.window_noise(
+            noise_key, params, sigma, num_groups, signs
         )
         result = run_window(
             system,

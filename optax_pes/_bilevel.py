@@ -340,10 +340,21 @@ def shine_bilevel(
             _, _, _, grad, k = c
             return (k < inner_max_steps) & (jnp.linalg.norm(grad) > tol)
 
+        # optax.lbfgs's line search keeps the value and gradient at the point it
+        # accepts: reuse them (as optax.value_and_grad_from_state does).
+        stored = [
+            optax.tree_utils.tree_get(optimizer.init(w0), k) for k in ("value", "grad")
+        ]
+        reuse = all(x is not None for x in stored)
+
         def body(c):
             wf, opt_state, value, grad, k = c
             wf, opt_state = inner_update(grad, opt_state, wf, value)
-            value, grad = value_and_grad(wf)
+            if reuse:
+                value = optax.tree_utils.tree_get(opt_state, "value")
+                grad = ravel_pytree(optax.tree_utils.tree_get(opt_state, "grad"))[0]
+            else:
+                value, grad = value_and_grad(wf)
             if method == "shine_opa":
                 opt_state = jax.lax.cond(
                     (k + 1) % opa_every == 0,

@@ -221,3 +221,15 @@ def test_bad_losses_and_hyperparameters():
         tx.init(jnp.asarray(1, jnp.int32))
     with pytest.raises(ValueError, match="needs params"):
         tx.update(jnp.zeros(()), state)
+
+
+def test_inner_optimizer_without_stored_gradient(x64):
+    # A backtracking line search keeps no gradient: the solve recomputes it.
+    optimizer = optax.chain(
+        optax.scale_by_lbfgs(memory_size=30),
+        optax.scale(-1.0),
+        optax.scale_by_backtracking_linesearch(max_backtracking_steps=20),
+    )
+    lam = jnp.full(30, -2.0)
+    estimate = hypergradient(lam, "shine_refine", inner_optimizer=optimizer)
+    assert cosine(estimate, exact_hypergradient(lam)) > 0.999

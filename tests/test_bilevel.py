@@ -11,6 +11,11 @@ import optax_pes
 
 METHODS = ["shine", "shine_opa", "shine_refine", "implicit", "jacobian_free"]
 
+# Every test in float64: switching jax_enable_x64 back and forth around the same
+# functions can trip JAX's abstract-evaluation caches (float32/float64 mismatches
+# inside the VJP), a test-harness artefact rather than a library behaviour.
+pytestmark = pytest.mark.usefixtures("x64")
+
 
 def _data():
     """Half for training, half held out (standardised with the training half's

@@ -3,6 +3,7 @@
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -140,8 +141,6 @@ def check_sigma(sigma: Any) -> None:
 
 def checked_sigma(sigma: Any) -> Array:
     """sigma as an array, with a run-time error when a traced value is not positive."""
-    import equinox as eqx
-
     sigma = jnp.asarray(sigma)
     if isinstance(sigma, jax.core.Tracer):
         sigma = eqx.error_if(

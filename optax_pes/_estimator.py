@@ -50,7 +50,9 @@ def initial_state(
     noise: PyTree,
 ) -> "EstimatorState":
     """Every group starts a fresh episode at the first update; `num_states` inner
-    states (zeros until then), the first episodes shortened by `offsets`."""
+    states (zeros until then), the first episodes shortened by `offsets`. Checks
+    `params` against the system first."""
+    check_against_system(system, params)
     return EstimatorState(
         count=jnp.zeros((), jnp.int32),
         rng_key=key,

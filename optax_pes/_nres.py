@@ -69,7 +69,6 @@ def nres(
     offsets = est.stagger_offsets(num_groups, horizon, truncation_length, stagger)
 
     def init_fn(params: PyTree) -> est.EstimatorState:
-        est.check_against_system(system, params)
         flat, _ = est.flatten(params)
         directions = jnp.zeros((num_groups,) + flat.shape, flat.dtype)
         return est.initial_state(

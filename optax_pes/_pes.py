@@ -142,7 +142,6 @@ def _persistent(
     offsets = est.stagger_offsets(num_groups, horizon, truncation_length, stagger)
 
     def init_fn(params: PyTree) -> est.EstimatorState:
-        est.check_against_system(system, params)
         flat, _ = est.flatten(params)
         return est.initial_state(
             system,

@@ -55,7 +55,6 @@ def tbptt(
     offsets = est.stagger_offsets(num_particles, horizon, truncation_length, stagger)
 
     def init_fn(params: PyTree) -> est.EstimatorState:
-        est.check_against_system(system, params)
         return est.initial_state(
             system,
             params,

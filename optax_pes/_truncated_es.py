@@ -62,7 +62,6 @@ def truncated_es(
     offsets = est.stagger_offsets(num_groups, horizon, truncation_length, stagger)
 
     def init_fn(params: PyTree) -> est.EstimatorState:
-        est.check_against_system(system, params)
         return est.initial_state(
             system,
             params,

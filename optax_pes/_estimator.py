@@ -8,10 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
+from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Bool, Float, PRNGKeyArray, PyTree
 
 from optax_pes._system import UnrolledSystem
-from optax_pes._window import WindowResult
+from optax_pes._window import Placement as Placement, WindowResult, _identity
 
 
 class Diagnostics(NamedTuple):
@@ -48,15 +49,16 @@ def initial_state(
     num_states: int,
     offsets: np.ndarray,
     noise: PyTree,
+    placement: "Placement",
 ) -> "EstimatorState":
     """Every group starts a fresh episode at the first update; `num_states` inner
-    states (zeros until then), the first episodes shortened by `offsets`. Checks
-    `params` against the system first."""
+    states (zeros until then, laid out by `placement`), the first episodes shortened
+    by `offsets`. Checks `params` against the system first."""
     check_against_system(system, params)
     return EstimatorState(
         count=jnp.zeros((), jnp.int32),
         rng_key=key,
-        inner_state=empty_inner_state(system, params, num_states),
+        inner_state=placement.shard(empty_inner_state(system, params, num_states)),
         remaining=jnp.asarray(system.horizon - offsets, jnp.int32),
         needs_init=jnp.ones(len(offsets), bool),
         noise=noise,
@@ -252,6 +254,66 @@ def stagger_offsets(
         windows = horizon // truncation_length
         return (truncation_length * (groups * windows // num_groups)).astype(np.int32)
     return (groups * horizon // num_groups).astype(np.int32)
+
+
+# ------------------------------------------------------------------ devices --------
+
+
+def placement(
+    mesh: Any, mesh_axes: str | Sequence[str] | None, num_particles: int
+) -> Placement:
+    """Validate a user's `mesh` (and the mesh axes the particle axis is split over,
+    all of them by default) and build the `Placement`; `num_particles` must divide
+    evenly over those devices."""
+    if mesh is None:
+        if mesh_axes is not None:
+            raise ValueError("mesh_axes needs a mesh; pass mesh=jax.sharding.Mesh(...)")
+        return Placement(_identity, _identity)
+    if not isinstance(mesh, jax.sharding.Mesh):
+        raise TypeError(
+            "mesh must be a jax.sharding.Mesh, e.g. jax.make_mesh((4,), "
+            f"('particles',)), or None, got {type(mesh).__name__}"
+        )
+    if mesh_axes is None:
+        axes = tuple(mesh.axis_names)
+    else:
+        axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+        unknown = [a for a in axes if a not in mesh.axis_names]
+        if unknown or not axes:
+            raise ValueError(
+                f"mesh_axes must name axes of the mesh {tuple(mesh.axis_names)}, got "
+                f"{mesh_axes!r}"
+            )
+    num_devices = int(np.prod([mesh.shape[a] for a in axes]))
+    if num_particles % num_devices:
+        raise ValueError(
+            f"num_particles must be a multiple of the {num_devices} devices on mesh "
+            f"axes {axes} to shard the particle axis, got {num_particles}"
+        )
+    axis_type = getattr(jax.sharding, "AxisType", None)
+    if axis_type is not None:
+        # Auto axes: the compiler propagates the particle layout through the user's
+        # step (explicit axes would make every gather in it name its out_sharding).
+        mesh = jax.sharding.Mesh(
+            mesh.devices,
+            mesh.axis_names,
+            axis_types=(axis_type.Auto,) * len(mesh.axis_names),
+        )
+    place = jax.lax.with_sharding_constraint
+    replicated = jax.sharding.NamedSharding(mesh, P())
+    split = jax.sharding.NamedSharding(mesh, P(axes))
+
+    def shard(tree: PyTree) -> PyTree:
+        def leaf(x):
+            even = x.ndim > 0 and x.shape[0] % num_devices == 0
+            return place(x, split if even else replicated)
+
+        return jax.tree.map(leaf, tree)
+
+    def replicate(tree: PyTree) -> PyTree:
+        return jax.tree.map(lambda x: place(x, replicated), tree)
+
+    return Placement(shard, replicate)
 
 
 # ------------------------------------------------------------------ noise ----------

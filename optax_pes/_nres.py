@@ -1,8 +1,11 @@
 """Noise-Reuse Evolution Strategies: one perturbation per particle per episode."""
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
 from optax_pes import _estimator as est
@@ -19,6 +22,8 @@ def nres(
     key: PRNGKeyArray | int,
     stagger: bool = False,
     antithetic: bool = True,
+    mesh: Mesh | None = None,
+    mesh_axes: str | Sequence[str] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Noise-Reuse Evolution Strategies: unbiased, with less variance than PES.
 
@@ -62,6 +67,7 @@ def nres(
     num_particles = est.check_num_particles(num_particles, antithetic)
     est.check_sigma(sigma)
     key = as_key(key, "key")
+    placement = est.placement(mesh, mesh_axes, num_particles)
     signs = (1.0, -1.0) if antithetic else (1.0,)
     members = len(signs)
     num_groups = num_particles // members
@@ -77,6 +83,7 @@ def nres(
             key,
             num_states=num_particles,
             offsets=offsets,
+            placement=placement,
             noise=(directions, jnp.ones(num_groups, flat.dtype)),
         )
 
@@ -111,6 +118,7 @@ def nres(
             members=members,
             truncation_length=truncation_length,
             loss_dtype=loss_dtype,
+            placement=placement,
             thetas_after_reset=thetas_after,
         )
         valid = est.window_validity(result, members, num_groups)

@@ -1,7 +1,10 @@
 """Persistent Evolution Strategies (PES) and full-unroll ES, which is PES with K = T."""
 
+from collections.abc import Sequence
+
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
 from optax_pes import _estimator as est
@@ -18,6 +21,8 @@ def pes(
     key: PRNGKeyArray | int,
     stagger: bool = False,
     antithetic: bool = True,
+    mesh: Mesh | None = None,
+    mesh_axes: str | Sequence[str] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Persistent Evolution Strategies: unbiased gradients from truncated unrolls.
 
@@ -51,6 +56,13 @@ def pes(
       estimate is not dominated by one phase of the inner problem. A staggered
       particle's first episode is shortened; later ones have the full horizon.
     - `antithetic`: use pairs $(\epsilon, -\epsilon)$ that share inner-step keys.
+    - `mesh`: a `jax.sharding.Mesh` over which to shard the particle axis (inner
+      states and perturbed thetas), or `None` for one device. The code path is the
+      same; per-particle losses are gathered before the estimate is reduced, so it
+      equals the single-device estimate for the same key. `num_particles` must be a
+      multiple of the number of devices.
+    - `mesh_axes`: the mesh axis name (or names) the particle axis is split over; all
+      of the mesh's axes by default.
 
     **Returns:** an `optax.GradientTransformationExtraArgs` whose state is an
     `optax_pes.EstimatorState`; `update(updates, state, params)` needs `params`.
@@ -81,7 +93,16 @@ def pes(
     est.check_system(system)
     truncation_length = est.check_truncation_length(truncation_length, system.horizon)
     return _persistent(
-        "pes", system, num_particles, sigma, truncation_length, key, stagger, antithetic
+        "pes",
+        system,
+        num_particles,
+        sigma,
+        truncation_length,
+        key,
+        stagger,
+        antithetic,
+        mesh,
+        mesh_axes,
     )
 
 
@@ -92,6 +113,8 @@ def full_es(
     sigma: float | Array,
     key: PRNGKeyArray | int,
     antithetic: bool = True,
+    mesh: Mesh | None = None,
+    mesh_axes: str | Sequence[str] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Evolution Strategies over whole episodes: PES with $K = T$.
 
@@ -118,7 +141,16 @@ def full_es(
     """
     est.check_system(system)
     return _persistent(
-        "full_es", system, num_particles, sigma, system.horizon, key, False, antithetic
+        "full_es",
+        system,
+        num_particles,
+        sigma,
+        system.horizon,
+        key,
+        False,
+        antithetic,
+        mesh,
+        mesh_axes,
     )
 
 
@@ -131,8 +163,11 @@ def _persistent(
     key: PRNGKeyArray | int,
     stagger: bool,
     antithetic: bool,
+    mesh: Mesh | None,
+    mesh_axes: str | Sequence[str] | None,
 ) -> optax.GradientTransformationExtraArgs:
     num_particles = est.check_num_particles(num_particles, antithetic)
+    placement = est.placement(mesh, mesh_axes, num_particles)
     est.check_sigma(sigma)
     key = as_key(key, "key")
     signs = (1.0, -1.0) if antithetic else (1.0,)
@@ -149,6 +184,7 @@ def _persistent(
             key,
             num_states=num_particles,
             offsets=offsets,
+            placement=placement,
             noise=jnp.zeros((num_groups,) + flat.shape, flat.dtype),
         )
 
@@ -170,6 +206,7 @@ def _persistent(
             members=members,
             truncation_length=truncation_length,
             loss_dtype=loss_dtype,
+            placement=placement,
         )
         valid = est.window_validity(result, members, num_groups)
         accumulated = state.noise + score

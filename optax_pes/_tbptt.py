@@ -1,8 +1,11 @@
 """Truncated backpropagation through time: the exact gradient of one window."""
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
 from jaxtyping import PRNGKeyArray, PyTree
 
 from optax_pes import _estimator as est
@@ -17,6 +20,8 @@ def tbptt(
     key: PRNGKeyArray | int,
     num_particles: int = 1,
     stagger: bool = False,
+    mesh: Mesh | None = None,
+    mesh_axes: str | Sequence[str] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Truncated backpropagation through time (TBPTT), a biased baseline.
 
@@ -33,6 +38,7 @@ def tbptt(
     - `key`: an `int` seed or a PRNG key.
     - `num_particles`: independent trajectories averaged per update (no noise).
     - `stagger`: spread the trajectories' episodes over the horizon.
+    - `mesh`, `mesh_axes`: shard the trajectories over devices, as in `optax_pes.pes`.
 
     **Example:**
 
@@ -51,6 +57,7 @@ def tbptt(
     truncation_length = est.check_truncation_length(truncation_length, system.horizon)
     num_particles = est.check_int(num_particles, "num_particles", 1)
     key = as_key(key, "key")
+    placement = est.placement(mesh, mesh_axes, num_particles)
     horizon = system.horizon
     offsets = est.stagger_offsets(num_particles, horizon, truncation_length, stagger)
 
@@ -61,6 +68,7 @@ def tbptt(
             key,
             num_states=num_particles,
             offsets=offsets,
+            placement=placement,
             noise=(),
         )
 
@@ -84,12 +92,14 @@ def tbptt(
                 members=1,
                 truncation_length=truncation_length,
                 loss_dtype=loss_dtype,
+                placement=placement,
             )
             return jnp.sum(result.loss_before + result.loss_after), result
 
         # Losses are separable over particles: the gradient with respect to each
         # particle's copy of theta is that particle's own window gradient.
         grads, result = jax.grad(window_loss, has_aux=True)(thetas)
+        grads = placement.replicate(grads)  # reduce as on one device
         valid = est.window_validity(result, 1, num_particles)
         for g in jax.tree.leaves(grads):
             valid = valid & jnp.all(jnp.isfinite(g.reshape(num_particles, -1)), axis=1)

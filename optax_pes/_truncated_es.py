@@ -1,7 +1,10 @@
 """Truncated Evolution Strategies: ES on one window from a shared, unperturbed state."""
 
+from collections.abc import Sequence
+
 import jax
 import optax
+from jax.sharding import Mesh
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
 from optax_pes import _estimator as est
@@ -18,6 +21,8 @@ def truncated_es(
     key: PRNGKeyArray | int,
     stagger: bool = False,
     antithetic: bool = True,
+    mesh: Mesh | None = None,
+    mesh_axes: str | Sequence[str] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Truncated ES: a biased baseline that forgets the influence of earlier windows.
 
@@ -54,6 +59,7 @@ def truncated_es(
     num_particles = est.check_num_particles(num_particles, antithetic)
     est.check_sigma(sigma)
     key = as_key(key, "key")
+    placement = est.placement(mesh, mesh_axes, num_particles)
     # The perturbed members, then the unperturbed centre that carries the state on.
     signs = (1.0, -1.0, 0.0) if antithetic else (1.0, 0.0)
     members = len(signs)
@@ -68,6 +74,7 @@ def truncated_es(
             key,
             num_states=num_groups,
             offsets=offsets,
+            placement=placement,
             noise=(),
         )
 
@@ -89,6 +96,7 @@ def truncated_es(
             members=members,
             truncation_length=truncation_length,
             loss_dtype=loss_dtype,
+            placement=placement,
         )
         valid = est.window_validity(result, members, num_groups)
         # Losses on both sides of a reset are credited to the window's noise alike.

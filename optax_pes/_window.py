@@ -6,6 +6,7 @@ for truncated ES, the unperturbed centre). The members of a group share their in
 and init keys (common random numbers) and their episode clock.
 """
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -13,6 +14,20 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
 from optax_pes._system import UnrolledSystem
+
+
+class Placement(NamedTuple):
+    """Where per-particle arrays live: `shard` lays a leading particle axis out over
+    devices, `replicate` gathers per-particle results onto every device before they
+    are reduced (built by `optax_pes._estimator.placement`). Both are the identity
+    without a mesh: one code path."""
+
+    shard: Callable[[PyTree], PyTree]
+    replicate: Callable[[PyTree], PyTree]
+
+
+def _identity(tree: PyTree) -> PyTree:
+    return tree
 
 
 def tile_groups(tree: PyTree, members: int) -> PyTree:
@@ -65,6 +80,7 @@ def run_window(
     truncation_length: int,
     loss_dtype: jnp.dtype,
     thetas_after_reset: PyTree | None = None,
+    placement: Placement | None = None,
 ) -> WindowResult:
     """Advance every particle by `truncation_length` inner steps.
 
@@ -78,7 +94,14 @@ def run_window(
 
     Under `T % K == 0` resets can only happen on window boundaries (the estimators
     stagger in multiples of K then), and the scan carries no reset logic at all.
+
+    `placement` lays the particle axis (thetas and inner states) out over devices and
+    gathers the per-particle losses back; without one, everything stays where it is.
     """
+    shard, replicate = placement or Placement(_identity, _identity)
+    thetas = shard(thetas)
+    if thetas_after_reset is not None:
+        thetas_after_reset = shard(thetas_after_reset)
     horizon = system.horizon
     num_steps = truncation_length
     num_groups = remaining.shape[0]
@@ -89,13 +112,14 @@ def run_window(
     vmapped_step = jax.vmap(system.step)
 
     def fresh_states(k: PRNGKeyArray, ths: PyTree) -> PyTree:
-        keys = tile_groups(jax.random.split(k, num_groups), members)
+        keys = shard(tile_groups(jax.random.split(k, num_groups), members))
         return vmapped_init(ths, keys)
 
     start = tile_groups(needs_init, members)
+    inner_state = shard(inner_state)
     inner_state = jax.lax.cond(
         jnp.any(needs_init),
-        lambda: tree_where(start, fresh_states(init_key, thetas), inner_state),
+        lambda: shard(tree_where(start, fresh_states(init_key, thetas), inner_state)),
         lambda: inner_state,
     )
     zeros = jnp.zeros(start.shape, loss_dtype)
@@ -105,8 +129,9 @@ def run_window(
 
         def body(carry, keys):
             state, loss_sum = carry
-            state, loss = vmapped_step(thetas, state, tile_groups(keys, members))
-            return (state, loss_sum + loss.astype(loss_dtype)), None
+            keys = shard(tile_groups(keys, members))
+            state, loss = vmapped_step(thetas, state, keys)
+            return (shard(state), loss_sum + loss.astype(loss_dtype)), None
 
         (inner_state, loss_before), _ = jax.lax.scan(
             body, (inner_state, zeros), step_keys
@@ -118,7 +143,7 @@ def run_window(
         will_reset = resets_inside(remaining, num_steps, horizon)
         reset_states = jax.lax.cond(
             jnp.any(will_reset),
-            lambda: fresh_states(reset_key, ths_after),
+            lambda: shard(fresh_states(reset_key, ths_after)),
             lambda: inner_state,
         )
 
@@ -134,16 +159,17 @@ def run_window(
                     lambda: tree_where(after_p, thetas_after_reset, thetas),
                     lambda: thetas,
                 )
-            state, loss = vmapped_step(ths, state, tile_groups(keys, members))
+            state, loss = vmapped_step(ths, state, shard(tile_groups(keys, members)))
             loss = loss.astype(loss_dtype)
             loss_before = loss_before + jnp.where(after_p, 0, loss)
             loss_after = loss_after + jnp.where(after_p, loss, 0)
             rem = rem - 1
             done = (rem == 0) & (index < num_steps - 1)
             done_p = tile_groups(done, members)
+            state = shard(state)
             state = jax.lax.cond(
                 jnp.any(done),
-                lambda: tree_where(done_p, reset_states, state),
+                lambda: shard(tree_where(done_p, reset_states, state)),
                 lambda: state,
             )
             rem = jnp.where(done, horizon, rem)
@@ -154,6 +180,7 @@ def run_window(
         carry, _ = jax.lax.scan(body, carry, xs)
         inner_state, remaining, after, loss_before, loss_after = carry
 
+    loss_before, loss_after = replicate((loss_before, loss_after))
     ended = remaining == 0
     remaining = jnp.where(ended, horizon, remaining)
     num_started = jnp.sum(needs_init | after, dtype=jnp.int32)

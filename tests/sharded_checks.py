@@ -1,0 +1,118 @@
+"""Sharded-equals-single-device checks, run on 4 forced host CPU devices.
+
+`tests/test_sharding.py` runs this file in a subprocess with
+`XLA_FLAGS=--xla_force_host_platform_device_count=4` (the flag must be set before JAX
+starts, so it cannot share the test process). Run it directly the same way.
+"""
+
+import sys
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import AxisType
+
+import optax_pes
+
+NUM_DEVICES = 4
+
+
+def training_system():
+    """A small Equinox MLP regression trained by SGD with a PES-paper schedule."""
+    kx, kw = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(kx, (128, 5))
+    y = jnp.sin(x @ jax.random.normal(kw, (5,)))
+    model = eqx.nn.MLP(5, "scalar", 8, 1, key=jax.random.key(1))
+
+    def loss(m, x, y):
+        return jnp.mean((jax.vmap(m)(x) - y) ** 2)
+
+    return optax_pes.tasks.training_system(
+        model,
+        loss,
+        lambda th: optax.sgd(optax_pes.tasks.lr_schedule(th), momentum=0.9),
+        (x, y),
+        horizon=12,
+        batch_size=16,
+        model_init=lambda k: eqx.nn.MLP(5, "scalar", 8, 1, key=k),
+    )
+
+
+def estimators(**mesh):
+    """Every estimator on 8 particles; PES on the training system, the others on a
+    random linear-quadratic system (cheaper to compile)."""
+    common = dict(num_particles=8, key=3, **mesh)
+    training = training_system()
+    lq, _ = optax_pes.tasks.linear_quadratic(0, theta_shapes=(2,), horizon=12)
+    return {
+        "pes": optax_pes.pes(
+            training, sigma=0.1, truncation_length=5, stagger=True, **common
+        ),
+        "pes_sync": optax_pes.pes(lq, sigma=0.1, truncation_length=4, **common),
+        "full_es": optax_pes.full_es(lq, sigma=0.1, **common),
+        "nres": optax_pes.nres(lq, sigma=0.1, truncation_length=5, **common),
+        "truncated_es": optax_pes.truncated_es(
+            lq, sigma=0.1, truncation_length=4, **common
+        ),
+        "tbptt": optax_pes.tbptt(lq, truncation_length=4, **common),
+    }
+
+
+def run(tx, theta, num_updates=4):
+    """`num_updates` jitted updates; the estimates and the final state."""
+    update = jax.jit(tx.update)
+    state = tx.init(theta)
+    estimates = []
+    for _ in range(num_updates):
+        estimate, state = update(jnp.zeros_like(theta), state, theta)
+        estimates.append(estimate)
+    return jnp.stack(estimates), state
+
+
+def check_equal(name, sharded, single):
+    """Keys, counters and flags exactly; floats to float32 rounding: XLA may pick
+    other kernels for a batch of 2 particles per device than for 8 on one, which
+    moves the last bit or so of a matmul."""
+    for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(single), strict=True):
+        if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+            a, b = jax.random.key_data(a), jax.random.key_data(b)
+        a, b = np.asarray(a), np.asarray(b)
+        if np.issubdtype(a.dtype, np.floating):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=name)
+        else:
+            np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+def check_sharded(name, state):
+    """The particle axis of the inner state is split over all the devices."""
+    for leaf in jax.tree.leaves(state.inner_state):
+        devices = leaf.sharding.device_set
+        assert len(devices) == NUM_DEVICES, (name, leaf.sharding)
+        assert not leaf.sharding.is_fully_replicated, (name, leaf.sharding)
+
+
+def main() -> int:
+    assert jax.device_count() >= NUM_DEVICES, jax.devices()
+    theta = jnp.array([jnp.log(0.05), jnp.log(1.0)])
+    single = {k: run(tx, theta) for k, tx in estimators().items()}
+    explicit = jax.make_mesh((NUM_DEVICES,), ("particles",))  # explicit axes
+    auto = jax.make_mesh((NUM_DEVICES,), ("particles",), axis_types=(AxisType.Auto,))
+    grid = jax.make_mesh((2, 2), ("particles", "model"))
+    cases = [(name, explicit, None) for name in single]
+    cases += [("pes", auto, None), ("pes", grid, "particles")]
+    for name, mesh, axes in cases:
+        tx = estimators(mesh=mesh, mesh_axes=axes)[name]
+        estimates, state = run(tx, theta)
+        types = "/".join(t.name for t in mesh.axis_types)
+        label = f"{name} on mesh {dict(mesh.shape)} ({types}), axes {axes or 'all'}"
+        if axes is None:
+            check_sharded(label, state)
+        check_equal(label, (estimates, state), single[name])
+        print(f"ok: {label}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,11 +1,24 @@
-"""The PES paper's problems as ready `optax_pes.UnrolledSystem`s."""
+"""Ready `optax_pes.UnrolledSystem`s: the PES paper's problems and model training."""
 
+from optax_pes.tasks._hyperparameters import (
+    lr_schedule as lr_schedule,
+    per_layer_sgd as per_layer_sgd,
+)
 from optax_pes.tasks._influence_balancing import (
     influence_balancing as influence_balancing,
     influence_balancing_optimum as influence_balancing_optimum,
+)
+from optax_pes.tasks._learned_optimizer import (
+    LearnedOptimizerState as LearnedOptimizerState,
+    mlp_learned_optimizer as mlp_learned_optimizer,
 )
 from optax_pes.tasks._linear_quadratic import linear_quadratic as linear_quadratic
 from optax_pes.tasks._toy_regression import (
     toy_regression as toy_regression,
     toy_regression_grid as toy_regression_grid,
+)
+from optax_pes.tasks._training import (
+    TrainingState as TrainingState,
+    accuracy_error as accuracy_error,
+    training_system as training_system,
 )

@@ -19,6 +19,10 @@ from optax_pes._estimator import (
 )
 from optax_pes._nres import nres as nres
 from optax_pes._pes import full_es as full_es, pes as pes
+from optax_pes._serialisation import (
+    tree_deserialise_leaves as tree_deserialise_leaves,
+    tree_serialise_leaves as tree_serialise_leaves,
+)
 from optax_pes._solvers import (
     AbstractSolver as AbstractSolver,
     Anderson as Anderson,

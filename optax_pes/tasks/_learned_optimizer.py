@@ -86,11 +86,16 @@ def mlp_learned_optimizer(
         theta.append({"w": jnp.zeros_like(w) if last else w, "b": jnp.zeros(fan_out)})
 
     def optimizer(theta: PyTree) -> optax.GradientTransformation:
+        def dense(layer, h):
+            batch = (1,) * (h.ndim - 1)  # no implicit rank promotion
+            w = layer["w"].astype(h.dtype)
+            return h @ w + layer["b"].astype(h.dtype).reshape(batch + (-1,))
+
         def mlp(features):
             h = features
             for layer in theta[:-1]:
-                h = jax.nn.relu(h @ layer["w"].astype(h.dtype) + layer["b"])
-            return h @ theta[-1]["w"].astype(h.dtype) + theta[-1]["b"]
+                h = jax.nn.relu(dense(layer, h))
+            return dense(theta[-1], h)
 
         def init_fn(params):
             zeros = jax.tree.map(jnp.zeros_like, params)

@@ -5,6 +5,7 @@
 starts, so it cannot share the test process). Run it directly the same way.
 """
 
+import io
 import sys
 
 import equinox as eqx
@@ -111,6 +112,21 @@ def main() -> int:
             check_sharded(label, state)
         check_equal(label, (estimates, state), single[name])
         print(f"ok: {label}", flush=True)
+    # A sharded state checkpoints and continues like the single-device run.
+    tx = estimators(mesh=explicit)["pes"]
+    _, state = run(tx, theta, num_updates=2)
+    buffer = io.BytesIO()
+    optax_pes.tree_serialise_leaves(buffer, state)
+    buffer.seek(0)
+    state = optax_pes.tree_deserialise_leaves(buffer, tx.init(theta))
+    update = jax.jit(tx.update)
+    for _ in range(2):
+        estimate, state = update(jnp.zeros_like(theta), state, theta)
+    check_sharded("restored pes", state)
+    check_equal(
+        "restored pes", (estimate, state), (single["pes"][0][-1], single["pes"][1])
+    )
+    print("ok: a sharded state restored from a checkpoint continues", flush=True)
     return 0
 
 

@@ -32,7 +32,7 @@ def test_sharded_estimate_equals_single_device():
         timeout=600,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count("ok:") == 8, done.stdout
+    assert done.stdout.count("ok:") == 9, done.stdout
 
 
 def test_mesh_errors_name_the_argument():

@@ -1,0 +1,784 @@
+"""Scaling of optax_pes.pes: particles, devices and horizon.
+
+Prints, measured side by side in one run (never as tests):
+
+1. Particles. The time of one jitted PES update for N = 8 ... 256 particles at a fixed
+   truncation length K; its time per particle relative to the smallest N; and its
+   ratio to the bare vmapped K-step forward unroll of the same N particles (a jitted
+   `lax.scan` over K of `jax.vmap(system.step)`), all N interleaved in each repeat.
+2. Devices. The same update with the particle axis sharded over a mesh of D devices,
+   at a fixed N. By default the script re-runs itself once per D with D forced host
+   CPU devices (`XLA_FLAGS=--xla_force_host_platform_device_count=D`; the device count
+   is fixed when jax starts); the D worker processes stay alive and are sampled in
+   turn, so the ratios to D=1 are paired. Forced host devices share the machine's
+   cores: beyond the core count they cannot speed anything up. `--real-devices` uses
+   `jax.devices()` in this process instead (e.g. a multi-GPU host). Every D also checks
+   that the sharded estimate equals the single-device (mesh=None) one.
+3. Memory vs horizon. XLA's compiled memory analysis (temp + arguments + outputs) of
+   the PES update for T = 100 ... 100,000 at K = 10 and 100: flat in T. For contrast,
+   `jax.grad` of the summed full unroll (`optax_pes.unroll`, backpropagation through
+   time of one trajectory), which stores every step's residuals: linear in T.
+
+Task: a 64-32-10 Equinox MLP trained on scikit-learn's digits (pixels / 16) by SGD
+with momentum 0.9 and the PES paper's learning-rate schedule
+(`optax_pes.tasks.lr_schedule(theta)`, theta = log initial rate, log decay power),
+minibatches of 32, a fresh initialisation per episode, objective the training loss;
+and, in section 1, the PES paper's influence-balancing system (n = 23).
+
+    python benchmarks/scaling.py                  # default settings (< 6 min, 2 cores)
+    python benchmarks/scaling.py --quick          # small sizes (< 3 min)
+    python benchmarks/scaling.py --real-devices   # section 2 on jax.devices()
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import optax_pes  # noqa: E402
+
+SIGMA = 0.1
+MESSAGE = "SCALING_JSON "  # prefix of the worker's machine-readable stdout lines
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+# ------------------------------------------------------------------ systems --------
+
+
+@functools.cache
+def digits_data() -> tuple[jax.Array, jax.Array]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = jnp.asarray(digits.data / 16.0, jnp.float32)
+    return x, jnp.asarray(digits.target, jnp.int32)
+
+
+def digits_system(horizon: int, batch: int = 32) -> optax_pes.UnrolledSystem:
+    """SGD (momentum 0.9, `lr_schedule(theta)`) on a 64-32-10 MLP, digits."""
+
+    def make(key):
+        return eqx.nn.MLP(64, 10, 32, 1, activation=jax.nn.relu, key=key)
+
+    def loss(model, x, y):
+        logits = jax.vmap(model)(x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    def optimizer(theta):
+        return optax.sgd(optax_pes.tasks.lr_schedule(theta), momentum=0.9)
+
+    return optax_pes.tasks.training_system(
+        make(jax.random.key(0)),
+        loss,
+        optimizer,
+        digits_data(),
+        horizon=horizon,
+        batch_size=batch,
+        model_init=make,
+    )
+
+
+def influence_balancing_system(horizon: int) -> optax_pes.UnrolledSystem:
+    return optax_pes.tasks.influence_balancing(horizon=horizon)
+
+
+SYSTEMS: dict[str, Callable[[int], optax_pes.UnrolledSystem]] = {
+    "digits": digits_system,
+    "infl": influence_balancing_system,
+}
+THETA0 = {
+    "digits": jnp.array([np.log(0.05), np.log(1.0)], jnp.float32),
+    "infl": jnp.array([0.5], jnp.float32),
+}
+DESCRIPTION = {
+    "digits": "digits MLP 64-32-10, SGD momentum + lr_schedule(theta), batch 32",
+    "infl": "influence balancing (n=23)",
+}
+
+
+def make_pes(system, n: int, k: int, **mesh) -> optax.GradientTransformation:
+    return optax_pes.pes(
+        system,
+        num_particles=n,
+        sigma=SIGMA,
+        truncation_length=k,
+        key=0,
+        stagger=True,
+        **mesh,
+    )
+
+
+def bare_window(system: optax_pes.UnrolledSystem, n: int, k: int):
+    """One window of the bare unroll: (thetas, inner, key) -> (inner, key, losses)."""
+    vstep = jax.vmap(system.step)
+
+    def window(thetas, inner, key):
+        key, sub = jax.random.split(key)
+        keys = jax.random.split(sub, (k, n))
+
+        def body(carry, ks):
+            state, total = carry
+            state, loss = vstep(thetas, state, ks)
+            return (state, total + loss), None
+
+        (inner, total), _ = jax.lax.scan(body, (inner, jnp.zeros(n)), keys)
+        return inner, key, total
+
+    return window
+
+
+def perturbed(theta: jax.Array, n: int) -> jax.Array:
+    """N antithetic perturbations of theta (what a PES window evaluates)."""
+    normal = jax.random.normal(jax.random.key(1), (n // 2,) + theta.shape)
+    return jnp.concatenate([theta + SIGMA * normal, theta - SIGMA * normal])
+
+
+# ------------------------------------------------------------------ timing ---------
+
+
+def block(tree: Any) -> Any:
+    return jax.block_until_ready(tree)
+
+
+def calls_for(seconds_per_call: float, budget: float, high: int = 10_000) -> int:
+    return int(min(max(round(budget / max(seconds_per_call, 1e-7)), 1), high))
+
+
+def loop_of(fn: Callable[[Any], Any], iters: int) -> Callable[[Any], Any]:
+    """`fn` applied `iters` times from Python (one dispatch each)."""
+
+    def run(carry):
+        for _ in range(iters):
+            carry = fn(carry)
+        return carry
+
+    return run
+
+
+def sized(
+    fn: Callable[[Any], Any], carry: Any, budget: float
+) -> tuple[Callable[[Any], Any], Any, int]:
+    """`fn` (compiled, one update per call) repeated to last about `budget` s."""
+    carry = block(fn(carry))
+    start = time.perf_counter()
+    carry = block(fn(carry))
+    calls = calls_for(time.perf_counter() - start, budget)
+    return loop_of(fn, calls), carry, calls
+
+
+class Interleaved:
+    """Candidates `name: (fn, carry, units)` timed in turn, carries threaded.
+
+    `sample(rep)` takes one sample of each (seconds per unit), in an order that rotates
+    with `rep`, so that drifts (frequency scaling, other processes on a shared machine)
+    hit them all alike and ratios of samples from the same repeat are paired.
+    """
+
+    def __init__(self, fns: dict[str, tuple[Callable[[Any], Any], Any, int]]):
+        self.fns = fns
+        self.carries = {name: carry for name, (_, carry, _) in fns.items()}
+
+    def sample(self, rep: int) -> dict[str, float]:
+        names = list(self.fns)
+        shift = rep % len(names)
+        out = {}
+        for name in names[shift:] + names[:shift]:
+            fn, _, units = self.fns[name]
+            carry = block(self.carries[name])
+            start = time.perf_counter()
+            self.carries[name] = block(fn(carry))
+            out[name] = (time.perf_counter() - start) / units
+        return out
+
+
+def compare(
+    fns: dict[str, tuple[Callable[[Any], Any], Any, int]], repeats: int
+) -> dict[str, list[float]]:
+    """`repeats` interleaved samples of every candidate (seconds per unit)."""
+    timer = Interleaved(fns)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for rep in range(repeats):
+        for name, seconds in timer.sample(rep).items():
+            samples[name].append(seconds)
+    return samples
+
+
+def median(samples: list[float]) -> float:
+    return statistics.median(samples)
+
+
+def paired_ratio(a: list[float], b: list[float], scale: float = 1.0) -> float:
+    """Median over repeats of scale * a_i / b_i (samples taken side by side)."""
+    return statistics.median(scale * x / y for x, y in zip(a, b, strict=True))
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1e3:8.3f}"
+
+
+def num_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+# ------------------------------------------------------------------ 1. particles ---
+
+
+def particle_candidates(
+    system_name: str, ns: list[int], k: int, horizon: int, budget: float
+) -> dict[str, tuple[Callable[[Any], Any], Any, int]]:
+    """For every N: the jitted PES update and the bare window, one call per sample."""
+    system = SYSTEMS[system_name](horizon)
+    theta = THETA0[system_name]
+    zeros = jnp.zeros_like(theta)
+    candidates = {}
+    for n in ns:
+        tx = make_pes(system, n, k)
+        update = jax.jit(tx.update)
+        state = block(update(zeros, tx.init(theta), theta)[1])  # compile + init
+
+        def pes_call(state, update=update):
+            return update(zeros, state, theta)[1]
+
+        # The same particles (inner states) at perturbed thetas, without the estimator.
+        bare, thetas = jax.jit(bare_window(system, n, k)), perturbed(theta, n)
+
+        def bare_call(carry, bare=bare, thetas=thetas):
+            inner, key, _ = bare(thetas, *carry)
+            return inner, key
+
+        candidates[f"pes{n}"] = sized(pes_call, state, budget)
+        candidates[f"bare{n}"] = sized(
+            bare_call, (state.inner_state, jax.random.key(2)), budget
+        )
+    return candidates
+
+
+def section_particles(args: argparse.Namespace, table: list[str]) -> None:
+    k, horizon = args.k, args.horizon
+    for system_name in args.systems:
+        print(
+            f"\n1. Particles: {DESCRIPTION[system_name]}; K={k}, T={horizon}, "
+            "stagger; one jitted call per update (milliseconds)",
+            flush=True,
+        )
+        ns = sorted(args.particles)
+        started = time.perf_counter()
+        t = compare(
+            particle_candidates(system_name, ns, k, horizon, args.budget),
+            args.repeats,
+        )
+        n0 = ns[0]
+        head = (
+            f"{'N':>5} | {'PES':>8} {'bare':>8} {'PES/bare':>8} | "
+            f"{f'PES t/t(N={n0})':>14} {'per-particle':>12} | "
+            f"{'bare per-particle':>17}"
+        )
+        print(head)
+        print("-" * len(head))
+        for n in ns:
+            pes, bare = t[f"pes{n}"], t[f"bare{n}"]
+            ratio = paired_ratio(pes, bare)
+            growth = paired_ratio(pes, t[f"pes{n0}"])
+            per_particle = paired_ratio(pes, t[f"pes{n0}"], n0 / n)
+            bare_per_particle = paired_ratio(bare, t[f"bare{n0}"], n0 / n)
+            print(
+                f"{n:5d} | {ms(median(pes))} {ms(median(bare))} {ratio:8.3f} | "
+                f"{growth:14.2f} {per_particle:12.3f} | {bare_per_particle:17.3f}",
+                flush=True,
+            )
+            table.append(
+                f"| particles | {system_name} N={n} K={k} | PES/bare {ratio:.2f}; "
+                f"per-particle vs N={n0} {per_particle:.2f} (bare "
+                f"{bare_per_particle:.2f}) |"
+            )
+        print(f"({time.perf_counter() - started:.0f}s, compile included)")
+    print(
+        "notes: per-particle = (t(N)/N) / (t(N0)/N0), median of per-repeat ratios of\n"
+        "  interleaved samples (all N and both columns in each repeat); < 1: fixed\n"
+        "  per-call costs (dispatch, noise, bookkeeping) amortised over more\n"
+        "  particles, ~1: linear in N. PES/bare: the estimator's cost on top of the\n"
+        "  vmapped K-step unroll of the same N particles."
+    )
+
+
+# ------------------------------------------------------------------ 2. devices -----
+
+
+def run_updates(tx, theta: jax.Array, num_updates: int):
+    """`num_updates` jitted updates from init: the stacked estimates, the final state
+    and the jitted update."""
+    update = jax.jit(tx.update)
+    state = tx.init(theta)
+    estimates = []
+    for _ in range(num_updates):
+        estimate, state = update(jnp.zeros_like(theta), state, theta)
+        estimates.append(estimate)
+    return jnp.stack(estimates), block(state), update
+
+
+def device_candidates(
+    device_counts: list[int], args: argparse.Namespace
+) -> tuple[dict[str, tuple[Callable[[Any], Any], Any, int]], dict[str, Any]]:
+    """The PES update without a mesh ("none") and over meshes of the first D devices
+    ("meshD"), each checked against "none"; timed candidates and the checks."""
+    system = digits_system(args.horizon)
+    theta = THETA0["digits"]
+    zeros = jnp.zeros_like(theta)
+    n, k = args.device_particles, args.k
+
+    def timed(update, state):
+        def call(state):
+            return update(zeros, state, theta)[1]
+
+        return sized(call, state, args.budget)
+
+    start = time.perf_counter()
+    reference, state, update = run_updates(make_pes(system, n, k), theta, 3)
+    candidates = {"none": timed(update, state)}
+    info: dict[str, Any] = {"compile_none_s": time.perf_counter() - start}
+    for d in device_counts:
+        start = time.perf_counter()
+        mesh = jax.make_mesh((d,), ("particles",), devices=jax.devices()[:d])
+        estimates, state, update = run_updates(
+            make_pes(system, n, k, mesh=mesh), theta, 3
+        )
+        a, b = np.asarray(estimates), np.asarray(reference)
+        scale = float(np.max(np.abs(b)))
+        sharded = all(
+            len(leaf.sharding.device_set) == d
+            and (d == 1 or not leaf.sharding.is_fully_replicated)
+            for leaf in jax.tree.leaves(state.inner_state)
+        )
+        # Tolerance relative to the estimate's scale: with fewer particles per device
+        # XLA may pick other matmul kernels (inner states move by ~1 ulp), and a
+        # component that is a small difference of large L_i * xi_i terms carries
+        # that rounding in absolute, not relative, terms.
+        info[f"mesh{d}"] = {
+            "equal": bool(np.allclose(a, b, rtol=1e-5, atol=1e-5 * scale)),
+            "elementwise": bool(np.allclose(a, b, rtol=1e-5, atol=1e-6)),
+            "bitwise": bool(np.array_equal(a, b)),
+            "relative_diff": float(np.max(np.abs(a - b))) / scale,
+            "sharded": sharded,
+        }
+        candidates[f"mesh{d}"] = timed(update, state)
+        info[f"compile_mesh{d}_s"] = time.perf_counter() - start
+    return candidates, info
+
+
+def emit(message: dict[str, Any]) -> None:
+    print(MESSAGE + json.dumps(message), flush=True)
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One forced-host-device process: set up, then one sample per 'sample' line."""
+    d = args.worker
+    if jax.device_count() != d:
+        raise SystemExit(
+            f"worker expected {d} devices, jax has {jax.device_count()}: set "
+            f"XLA_FLAGS={DEVICE_COUNT_FLAG}={d} before jax starts"
+        )
+    candidates, info = device_candidates([d], args)
+    emit({"ready": True, "devices": d, **info})
+    timer = Interleaved(candidates)
+    for rep, line in enumerate(sys.stdin):
+        if line.strip() != "sample":
+            break
+        emit(timer.sample(rep))
+
+
+class Worker:
+    """A child process of this script on `d` forced host CPU devices."""
+
+    def __init__(self, d: int, args: argparse.Namespace):
+        flags = [
+            f
+            for f in os.environ.get("XLA_FLAGS", "").split()
+            if not f.startswith(DEVICE_COUNT_FLAG)
+        ]
+        env = dict(
+            os.environ,
+            XLA_FLAGS=" ".join([*flags, f"{DEVICE_COUNT_FLAG}={d}"]),
+            JAX_PLATFORMS="cpu",
+        )
+        command = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--worker",
+            str(d),
+            "--device-particles",
+            str(args.device_particles),
+            "--k",
+            str(args.k),
+            "--horizon",
+            str(args.horizon),
+            "--budget",
+            str(args.budget),
+        ]
+        self.d = d
+        self.stderr = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            text=True,
+            env=env,
+        )
+
+    def receive(self) -> dict[str, Any]:
+        for line in self.proc.stdout:
+            if line.startswith(MESSAGE):
+                return json.loads(line[len(MESSAGE) :])
+        self.proc.wait()
+        self.stderr.seek(0)
+        raise RuntimeError(
+            f"worker D={self.d} exited ({self.proc.returncode}):\n"
+            + self.stderr.read()[-3000:]
+        )
+
+    def sample(self) -> dict[str, float]:
+        self.proc.stdin.write("sample\n")
+        self.proc.stdin.flush()
+        return self.receive()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.stderr.close()
+
+
+def forced_device_samples(
+    args: argparse.Namespace,
+) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """Start one worker per D (in turn: set-up is not timed), then sample them in
+    rotating order; samples keyed "noneD" and "meshD"."""
+    workers: list[Worker] = []
+    info: dict[str, Any] = {}
+    samples: dict[str, list[float]] = {}
+    try:
+        for d in args.devices:
+            workers.append(Worker(d, args))
+            ready = workers[-1].receive()
+            info[f"mesh{d}"] = ready[f"mesh{d}"]
+            print(
+                f"  worker D={d} ready (compile + check: "
+                f"{ready['compile_none_s'] + ready[f'compile_mesh{d}_s']:.0f}s)",
+                flush=True,
+            )
+        for rep in range(args.repeats):
+            shift = rep % len(workers)
+            for w in workers[shift:] + workers[:shift]:
+                for name, seconds in w.sample().items():
+                    key = "none" + str(w.d) if name == "none" else name
+                    samples.setdefault(key, []).append(seconds)
+    finally:
+        for w in workers:
+            w.close()
+    return samples, info
+
+
+def section_devices(args: argparse.Namespace, table: list[str]) -> None:
+    n, k, horizon = args.device_particles, args.k, args.horizon
+    cores = num_cores()
+    real = args.real_devices
+    if real:
+        available = jax.device_count()
+        devices = [d for d in args.devices if d <= available]
+        kind = f"{jax.default_backend()} ({jax.devices()[0].device_kind})"
+    else:
+        devices = args.devices
+        kind = f"forced host CPU devices, {cores} cores"
+    args.devices = devices
+    bad = [d for d in devices if n % d]
+    if bad:
+        raise SystemExit(f"--device-particles {n} is not a multiple of D in {bad}")
+    print(
+        f"\n2. Devices: {DESCRIPTION['digits']}; N={n}, K={k}, T={horizon}, stagger; "
+        f"{kind}; one jitted call per update (milliseconds)",
+        flush=True,
+    )
+    started = time.perf_counter()
+    if real:
+        candidates, info = device_candidates(devices, args)
+        samples = compare(candidates, args.repeats)
+        for d in devices:
+            samples[f"none{d}"] = samples["none"]
+    else:
+        samples, info = forced_device_samples(args)
+    d0 = devices[0]
+    head = (
+        f"{'D':>3} | {'mesh':>8} {f'vs D={d0}':>8} {'speed-up':>8} | "
+        f"{'mesh=None':>9} {'mesh/None':>9} | sharded estimate == mesh=None"
+    )
+    print(head)
+    print("-" * len(head))
+    for d in devices:
+        mesh, none = samples[f"mesh{d}"], samples[f"none{d}"]
+        vs_first = paired_ratio(mesh, samples[f"mesh{d0}"])
+        check = info[f"mesh{d}"]
+        verdict = "yes" if check["equal"] else "NO"
+        if check["bitwise"]:
+            verdict += ", bitwise"
+        else:
+            verdict += f", diff {check['relative_diff']:.1e}"
+            if not check["elementwise"]:
+                verdict += " (elementwise: no)"
+        if not check["sharded"]:
+            verdict += " NOT SHARDED"
+        print(
+            f"{d:3d} | {ms(median(mesh))} {vs_first:8.3f} {1 / vs_first:8.2f} | "
+            f"{ms(median(none)):>9} {paired_ratio(mesh, none):9.3f} | {verdict}",
+            flush=True,
+        )
+        table.append(
+            f"| devices | digits N={n} K={k} D={d} ({'real' if real else 'forced'}) "
+            f"| time vs D={d0} {vs_first:.2f}; estimate equal: {verdict} |"
+        )
+    print(f"({time.perf_counter() - started:.0f}s, compile included)")
+    note = (
+        f"notes: 'vs D={d0}': median of paired ratios of the mesh update's time to\n"
+        f"  D={d0}'s (< 1: faster); 'mesh/None': the sharded update against the\n"
+        "  unsharded one (mesh=None) timed in the same process; the check runs 3\n"
+        "  updates from init on both and compares the estimates: allclose with\n"
+        "  rtol 1e-5, atol 1e-5 x max |estimate|; 'diff' = max |difference| /\n"
+        "  max |estimate|; '(elementwise: no)': fails atol 1e-6 on a component that\n"
+        "  is a small difference of large terms (fewer particles per device can\n"
+        "  change XLA's matmul kernels and so the last bit of the inner states)."
+    )
+    if not real:
+        note += (
+            f"\n  Each D is a separate process with D forced host devices, kept alive\n"
+            f"  and sampled in turn. Forced host devices are not hardware: this\n"
+            f"  machine has {cores} cores, so D > {cores} devices share them (no\n"
+            f"  speed-up possible beyond {cores}, and XLA's per-device thread pools\n"
+            f"  compete). On a multi-accelerator host run with --real-devices."
+        )
+    print(note)
+
+
+# ------------------------------------------------------------------ 3. memory ------
+
+
+def memory_of(compiled) -> dict[str, int]:
+    stats = compiled.memory_analysis()
+    out = {
+        "temp": stats.temp_size_in_bytes,
+        "args": stats.argument_size_in_bytes,
+        "out": stats.output_size_in_bytes,
+    }
+    out["total"] = out["temp"] + out["args"] + out["out"]
+    return out
+
+
+def pes_memory(n: int, k: int, horizon: int) -> dict[str, int]:
+    system = digits_system(horizon)
+    theta = THETA0["digits"]
+    tx = make_pes(system, n, k)
+    lowered = jax.jit(tx.update).lower(jnp.zeros_like(theta), tx.init(theta), theta)
+    return memory_of(lowered.compile())
+
+
+def bptt_memory(horizon: int) -> dict[str, int]:
+    """`jax.grad` of one trajectory's summed episode loss (full unroll)."""
+    system = digits_system(horizon)
+
+    def episode_loss(theta):
+        return jnp.sum(optax_pes.unroll(system, theta, jax.random.key(0)))
+
+    return memory_of(jax.jit(jax.grad(episode_loss)).lower(THETA0["digits"]).compile())
+
+
+def mb(size: int) -> str:
+    return f"{size / 2**20:9.2f}"
+
+
+def section_memory(args: argparse.Namespace, table: list[str]) -> None:
+    n = args.device_particles
+    horizons = sorted(args.horizons)
+    print(
+        f"\n3. Memory vs horizon: {DESCRIPTION['digits']}; PES N={n}, stagger; "
+        "XLA memory_analysis of the compiled program (MiB)",
+        flush=True,
+    )
+    started = time.perf_counter()
+    pes = {
+        (k, t): pes_memory(n, k, t)
+        for k in args.memory_truncations
+        for t in horizons
+        if k <= t
+    }
+    bptt = {t: bptt_memory(t) for t in sorted(args.bptt_horizons)}
+    ks = list(args.memory_truncations)
+    head = f"{'T':>7} | " + " | ".join(
+        f"{f'PES K={k} total':>15} {'temp':>9}" for k in ks
+    )
+    head += f" | {'BPTT total':>10} {'temp':>9} {'KiB/step':>8}"
+    print(head)
+    print("-" * len(head))
+    for t in sorted(set(horizons) | set(bptt)):
+        row = f"{t:7d} | "
+        row += " | ".join(
+            f"{mb(pes[k, t]['total']):>15} {mb(pes[k, t]['temp'])}"
+            if (k, t) in pes
+            else f"{'-':>15} {'-':>9}"
+            for k in ks
+        )
+        if t in bptt:
+            b = bptt[t]
+            row += (
+                f" | {mb(b['total']):>10} {mb(b['temp'])} {b['temp'] / t / 1024:8.1f}"
+            )
+        else:
+            row += f" | {'-':>10} {'-':>9} {'-':>8}"
+        print(row)
+    print(f"({time.perf_counter() - started:.0f}s, compile included)")
+    t0, t1 = horizons[0], horizons[-1]
+    for k in ks:
+        if (k, t0) in pes and (k, t1) in pes:
+            r = pes[k, t1]["total"] / pes[k, t0]["total"]
+            print(f"  PES K={k}: total T={t1} / T={t0} = {r:.3f}")
+            table.append(
+                f"| memory | digits PES N={n} K={k} | total T={t1} / T={t0} {r:.3f} |"
+            )
+    if len(ks) > 1 and all((k, t1) in pes for k in ks):
+        r = pes[ks[-1], t1]["total"] / pes[ks[0], t1]["total"]
+        print(f"  PES T={t1}: total K={ks[-1]} / K={ks[0]} = {r:.3f}")
+        table.append(
+            f"| memory | digits PES N={n} T={t1} | total K={ks[-1]} / K={ks[0]} "
+            f"{r:.3f} |"
+        )
+    if len(bptt) > 1:
+        b0, b1 = min(bptt), max(bptt)
+        r = bptt[b1]["total"] / bptt[b0]["total"]
+        print(f"  BPTT: total T={b1} / T={b0} = {r:.1f} (T ratio {b1 / b0:.0f})")
+        table.append(f"| memory | digits BPTT | total T={b1} / T={b0} {r:.1f} |")
+    print(
+        "notes: total = temp + arguments + outputs of the compiled program. PES keeps\n"
+        f"  N inner states (here {n} x (MLP weights + momentum)) and K x N per-step\n"
+        "  keys, whatever T is. BPTT is jax.grad of jnp.sum(optax_pes.unroll(...))\n"
+        "  for ONE trajectory: the scan stores every step's residuals (temp grows\n"
+        "  linearly with T). Only compiled, never run: nothing is allocated."
+    )
+
+
+# ------------------------------------------------------------------ main -----------
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes (< 3 min)")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument(
+        "--budget", type=float, default=None, help="seconds per timed sample"
+    )
+    parser.add_argument(
+        "--sections",
+        nargs="+",
+        default=["particles", "devices", "memory"],
+        choices=["particles", "devices", "memory"],
+    )
+    parser.add_argument(
+        "--systems",
+        nargs="+",
+        default=None,
+        choices=sorted(SYSTEMS),
+        help="section 1's systems (default: digits infl; digits with --quick)",
+    )
+    parser.add_argument(
+        "--particles", type=int, nargs="+", default=None, help="section 1's N values"
+    )
+    parser.add_argument("--k", type=int, default=10, help="K of sections 1 and 2")
+    parser.add_argument(
+        "--horizon", type=int, default=1000, help="T of sections 1 and 2"
+    )
+    parser.add_argument(
+        "--devices", type=int, nargs="+", default=None, help="section 2's D values"
+    )
+    parser.add_argument(
+        "--device-particles",
+        type=int,
+        default=None,
+        help="N of sections 2 and 3 (a multiple of every D)",
+    )
+    parser.add_argument(
+        "--real-devices",
+        action="store_true",
+        help="section 2 on jax.devices() in this process, no forced host devices",
+    )
+    parser.add_argument(
+        "--horizons", type=int, nargs="+", default=None, help="section 3's T values"
+    )
+    parser.add_argument("--memory-truncations", type=int, nargs="+", default=None)
+    parser.add_argument(
+        "--bptt-horizons",
+        type=int,
+        nargs="+",
+        default=None,
+        help="T values of the full-unroll jax.grad in section 3",
+    )
+    parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    quick = args.quick
+    defaults = {
+        "repeats": 5 if quick else 11,
+        "budget": 0.03 if quick else 0.1,
+        "systems": ["digits"] if quick else ["digits", "infl"],
+        "particles": [8, 64] if quick else [8, 16, 32, 64, 128, 256],
+        "devices": [1, 2] if quick else [1, 2, 4, 8],
+        "device_particles": 16 if quick else 64,
+        "horizons": [100, 1000, 100_000] if quick else [100, 1000, 10_000, 100_000],
+        "memory_truncations": [10] if quick else [10, 100],
+        "bptt_horizons": [100, 1000] if quick else [100, 1000, 10_000, 100_000],
+    }
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.worker is not None:
+        worker(args)
+        return
+    print(
+        f"jax {jax.__version__}, optax {optax.__version__}, backend "
+        f"{jax.default_backend()}, {num_cores()} cores; repeats={args.repeats} "
+        f"(median), ~{args.budget}s per sample"
+    )
+    table = ["| section | setting | result |", "| --- | --- | --- |"]
+    started = time.perf_counter()
+    if "particles" in args.sections:
+        section_particles(args, table)
+    if "devices" in args.sections:
+        section_devices(args, table)
+    if "memory" in args.sections:
+        section_memory(args, table)
+    print(f"\n(total {time.perf_counter() - started:.0f}s)\n\nSummary:")
+    print("\n".join(table))
+
+
+if __name__ == "__main__":
+    main()

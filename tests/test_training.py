@@ -171,6 +171,17 @@ def test_divergent_training_is_dropped_not_propagated():
     assert state.diagnostics.num_nonfinite > 0
 
 
+def test_loss_weight_selects_the_end_of_training():
+    system = equinox_system()
+    weighted = equinox_system(loss_weight=lambda t: t >= 9)
+    plain = optax_pes.unroll(system, THETA, 3)
+    ends = optax_pes.unroll(weighted, THETA, 3)
+    np.testing.assert_array_equal(ends[:9], 0.0)
+    np.testing.assert_allclose(ends[9:], plain[9:], rtol=1e-6)
+    with pytest.raises(TypeError, match="loss_weight must be a function"):
+        equinox_system(loss_weight=0.5)
+
+
 def test_tbptt_differentiates_through_training():
     system = equinox_system()
     tx = optax_pes.tbptt(system, truncation_length=4, key=0)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jaxtyping import Array, PRNGKeyArray, PyTree, Scalar
+from jaxtyping import Array, Int, PRNGKeyArray, PyTree, Scalar
 
 from optax_pes._system import UnrolledSystem
 
@@ -19,6 +19,7 @@ class TrainingState(NamedTuple):
 
     params: PyTree  # the model's trainable arrays (eqx.partition / nnx.Param state)
     opt_state: PyTree  # the state of `optimizer(theta)`
+    step: jax.Array  # shape=(), int32: training steps taken in this episode
 
 
 def partition_model(model: Any) -> tuple[PyTree, Callable[[PyTree], Any]]:
@@ -96,6 +97,7 @@ def training_system(
     val_data: PyTree | None = None,
     val_batch_size: int | None = None,
     model_init: Callable[[PRNGKeyArray], Any] | None = None,
+    loss_weight: Callable[[Int[Array, ""]], Any] | None = None,
 ) -> UnrolledSystem:
     r"""Training a model with an optimizer built from `theta`, as an `UnrolledSystem`.
 
@@ -137,9 +139,13 @@ def training_system(
     - `model_init`: optional `model_init(key) -> model`, a fresh random initialisation
       per episode (shared by the members of a pair). It must build models with the
       structure of `model`.
+    - `loss_weight`: optional `loss_weight(t) -> weight` of step `t`'s loss
+      (`t = 0, ..., horizon - 1`) in the episode's meta-loss; by default every step
+      counts once. For the validation loss at the end of training rather than over
+      it: `loss_weight=lambda t: t >= horizon - 50`.
 
     **Returns:** an `optax_pes.UnrolledSystem` whose inner state is a
-    `optax_pes.tasks.TrainingState(params, opt_state)`.
+    `optax_pes.tasks.TrainingState(params, opt_state, step)`.
 
     **Example:**
 
@@ -165,6 +171,11 @@ def training_system(
         raise TypeError(
             "optimizer must be a function theta -> optax.GradientTransformation, got "
             f"{type(optimizer).__name__}"
+        )
+    if loss_weight is not None and not callable(loss_weight):
+        raise TypeError(
+            "loss_weight must be a function t -> weight or None, got "
+            f"{type(loss_weight).__name__}"
         )
     if model_init is not None and not callable(model_init):
         raise TypeError(
@@ -200,7 +211,9 @@ def training_system(
             params = params0
         else:
             params, _ = partition_model(model_init(key))
-        return TrainingState(params, optimizer(theta).init(params))
+        return TrainingState(
+            params, optimizer(theta).init(params), jnp.zeros((), jnp.int32)
+        )
 
     def step(
         theta: PyTree, state: TrainingState, key: PRNGKeyArray
@@ -215,7 +228,10 @@ def training_system(
         params = optax.apply_updates(state.params, updates)
         if metric is not None:
             loss = _call(metric, rebuild(params), sample_val(val_key))
-        return TrainingState(params, opt_state), jnp.asarray(loss)
+        loss = jnp.asarray(loss)
+        if loss_weight is not None:
+            loss = jnp.asarray(loss_weight(state.step), loss.dtype) * loss
+        return TrainingState(params, opt_state, state.step + 1), loss
 
     return UnrolledSystem(init=init, step=step, horizon=horizon)
 

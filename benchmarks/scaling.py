@@ -53,6 +53,9 @@ import optax
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import optax_pes  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pes_overhead import bare_window  # noqa: E402  (the same bare unroll)
+
 SIGMA = 0.1
 MESSAGE = "SCALING_JSON "  # prefix of the worker's machine-readable stdout lines
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
@@ -121,25 +124,6 @@ def make_pes(system, n: int, k: int, **mesh) -> optax.GradientTransformation:
         stagger=True,
         **mesh,
     )
-
-
-def bare_window(system: optax_pes.UnrolledSystem, n: int, k: int):
-    """One window of the bare unroll: (thetas, inner, key) -> (inner, key, losses)."""
-    vstep = jax.vmap(system.step)
-
-    def window(thetas, inner, key):
-        key, sub = jax.random.split(key)
-        keys = jax.random.split(sub, (k, n))
-
-        def body(carry, ks):
-            state, total = carry
-            state, loss = vstep(thetas, state, ks)
-            return (state, total + loss), None
-
-        (inner, total), _ = jax.lax.scan(body, (inner, jnp.zeros(n)), keys)
-        return inner, key, total
-
-    return window
 
 
 def perturbed(theta: jax.Array, n: int) -> jax.Array:

@@ -157,9 +157,9 @@ def median(samples: list[float]) -> float:
     return statistics.median(samples)
 
 
-def paired_ratio(a: list[float], b: list[float]) -> float:
-    """Median over repeats of a_i / b_i (samples taken side by side)."""
-    return statistics.median(x / y for x, y in zip(a, b, strict=True))
+def paired_ratio(a: list[float], b: list[float], scale: float = 1.0) -> float:
+    """Median over repeats of scale * a_i / b_i (samples taken side by side)."""
+    return statistics.median(scale * x / y for x, y in zip(a, b, strict=True))
 
 
 def loop_of(fn: Callable[[Any], Any], iters: int) -> Callable[[Any], Any]:

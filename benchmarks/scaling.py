@@ -36,7 +36,6 @@ import argparse
 import functools
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,7 +53,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import optax_pes  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pes_overhead import bare_window  # noqa: E402  (the same bare unroll)
+from pes_overhead import (  # noqa: E402  (the same bare unroll and timing)
+    bare_window,
+    block,
+    compare,
+    median,
+    paired_ratio,
+    sized,
+)
 
 SIGMA = 0.1
 MESSAGE = "SCALING_JSON "  # prefix of the worker's machine-readable stdout lines
@@ -135,36 +141,6 @@ def perturbed(theta: jax.Array, n: int) -> jax.Array:
 # ------------------------------------------------------------------ timing ---------
 
 
-def block(tree: Any) -> Any:
-    return jax.block_until_ready(tree)
-
-
-def calls_for(seconds_per_call: float, budget: float, high: int = 10_000) -> int:
-    return int(min(max(round(budget / max(seconds_per_call, 1e-7)), 1), high))
-
-
-def loop_of(fn: Callable[[Any], Any], iters: int) -> Callable[[Any], Any]:
-    """`fn` applied `iters` times from Python (one dispatch each)."""
-
-    def run(carry):
-        for _ in range(iters):
-            carry = fn(carry)
-        return carry
-
-    return run
-
-
-def sized(
-    fn: Callable[[Any], Any], carry: Any, budget: float
-) -> tuple[Callable[[Any], Any], Any, int]:
-    """`fn` (compiled, one update per call) repeated to last about `budget` s."""
-    carry = block(fn(carry))
-    start = time.perf_counter()
-    carry = block(fn(carry))
-    calls = calls_for(time.perf_counter() - start, budget)
-    return loop_of(fn, calls), carry, calls
-
-
 class Interleaved:
     """Candidates `name: (fn, carry, units)` timed in turn, carries threaded.
 
@@ -188,27 +164,6 @@ class Interleaved:
             self.carries[name] = block(fn(carry))
             out[name] = (time.perf_counter() - start) / units
         return out
-
-
-def compare(
-    fns: dict[str, tuple[Callable[[Any], Any], Any, int]], repeats: int
-) -> dict[str, list[float]]:
-    """`repeats` interleaved samples of every candidate (seconds per unit)."""
-    timer = Interleaved(fns)
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for rep in range(repeats):
-        for name, seconds in timer.sample(rep).items():
-            samples[name].append(seconds)
-    return samples
-
-
-def median(samples: list[float]) -> float:
-    return statistics.median(samples)
-
-
-def paired_ratio(a: list[float], b: list[float], scale: float = 1.0) -> float:
-    """Median over repeats of scale * a_i / b_i (samples taken side by side)."""
-    return statistics.median(scale * x / y for x, y in zip(a, b, strict=True))
 
 
 def ms(seconds: float) -> str:
@@ -247,9 +202,9 @@ def particle_candidates(
             inner, key, _ = bare(thetas, *carry)
             return inner, key
 
-        candidates[f"pes{n}"] = sized(pes_call, state, budget)
+        candidates[f"pes{n}"] = sized(pes_call, state, 1, budget)
         candidates[f"bare{n}"] = sized(
-            bare_call, (state.inner_state, jax.random.key(2)), budget
+            bare_call, (state.inner_state, jax.random.key(2)), 1, budget
         )
     return candidates
 
@@ -331,7 +286,7 @@ def device_candidates(
         def call(state):
             return update(zeros, state, theta)[1]
 
-        return sized(call, state, args.budget)
+        return sized(call, state, 1, args.budget)
 
     start = time.perf_counter()
     reference, state, update = run_updates(make_pes(system, n, k), theta, 3)

@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Bool, Float, PRNGKeyArray, PyTree
 
 from optax_pes._system import UnrolledSystem
-from optax_pes._window import Placement as Placement, WindowResult, _identity
+from optax_pes._window import ON_ONE_DEVICE, Placement as Placement, WindowResult
 
 
 class Diagnostics(NamedTuple):
@@ -268,7 +268,7 @@ def placement(
     if mesh is None:
         if mesh_axes is not None:
             raise ValueError("mesh_axes needs a mesh; pass mesh=jax.sharding.Mesh(...)")
-        return Placement(_identity, _identity)
+        return ON_ONE_DEVICE
     if not isinstance(mesh, jax.sharding.Mesh):
         raise TypeError(
             "mesh must be a jax.sharding.Mesh, e.g. jax.make_mesh((4,), "
@@ -299,19 +299,18 @@ def placement(
             mesh.axis_names,
             axis_types=(axis_type.Auto,) * len(mesh.axis_names),
         )
-    place = jax.lax.with_sharding_constraint
     replicated = jax.sharding.NamedSharding(mesh, P())
     split = jax.sharding.NamedSharding(mesh, P(axes))
 
     def shard(tree: PyTree) -> PyTree:
         def leaf(x):
             even = x.ndim > 0 and x.shape[0] % num_devices == 0
-            return place(x, split if even else replicated)
+            return jax.lax.with_sharding_constraint(x, split if even else replicated)
 
         return jax.tree.map(leaf, tree)
 
     def replicate(tree: PyTree) -> PyTree:
-        return jax.tree.map(lambda x: place(x, replicated), tree)
+        return jax.lax.with_sharding_constraint(tree, replicated)
 
     return Placement(shard, replicate)
 

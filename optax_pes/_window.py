@@ -30,6 +30,9 @@ def _identity(tree: PyTree) -> PyTree:
     return tree
 
 
+ON_ONE_DEVICE = Placement(_identity, _identity)  # no mesh: leave arrays where they are
+
+
 def tile_groups(tree: PyTree, members: int) -> PyTree:
     """Repeat a per-group pytree (leading axis `G`) to per-particle (`members * G`)."""
     if members == 1:
@@ -80,7 +83,7 @@ def run_window(
     truncation_length: int,
     loss_dtype: jnp.dtype,
     thetas_after_reset: PyTree | None = None,
-    placement: Placement | None = None,
+    placement: Placement = ON_ONE_DEVICE,
 ) -> WindowResult:
     """Advance every particle by `truncation_length` inner steps.
 
@@ -98,7 +101,7 @@ def run_window(
     `placement` lays the particle axis (thetas and inner states) out over devices and
     gathers the per-particle losses back; without one, everything stays where it is.
     """
-    shard, replicate = placement or Placement(_identity, _identity)
+    shard, replicate = placement
     thetas = shard(thetas)
     if thetas_after_reset is not None:
         thetas_after_reset = shard(thetas_after_reset)

@@ -7,10 +7,10 @@ from typing import Any, Literal, NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jaxtyping import Array, Int, PRNGKeyArray, PyTree, Scalar
 
+from optax_pes._estimator import check_int
 from optax_pes._system import UnrolledSystem
 
 
@@ -182,9 +182,9 @@ def training_system(
             "model_init must be a function key -> model or None, got "
             f"{type(model_init).__name__}"
         )
-    batch_size = _check_size(batch_size, "batch_size")
+    batch_size = check_int(batch_size, "batch_size", 1)
     if val_batch_size is not None:
-        val_batch_size = _check_size(val_batch_size, "val_batch_size")
+        val_batch_size = check_int(val_batch_size, "val_batch_size", 1)
     params0, rebuild = partition_model(model)
     sample_train = _sampler(train_data, batch_size, "train_data")
     if objective == "train_loss":
@@ -234,14 +234,6 @@ def training_system(
         return TrainingState(params, opt_state, state.step + 1), loss
 
     return UnrolledSystem(init=init, step=step, horizon=horizon)
-
-
-def _check_size(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return int(value)
 
 
 def _check_scalar(fn, rebuild, params, sample, name) -> None:

@@ -12,9 +12,9 @@ import equinox as eqx
 from flax import nnx
 from jaxtyping import PyTree
 
-from optax_pes._adjoints import AbstractAdjoint
-from optax_pes._deq import DEQ as _DEQ
-from optax_pes._solvers import AbstractSolver, SolveInfo
+from optax_pes._implicit._adjoints import AbstractAdjoint
+from optax_pes._implicit._deq import DEQ as _DEQ
+from optax_pes._implicit._solvers import AbstractSolver, SolveInfo
 
 
 class _MergedLayer(eqx.Module):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import optax_pes
-from optax_pes._estimator import stagger_offsets
+from optax_pes._es._config import stagger_offsets
 
 
 def summed_estimates(tx, theta, *, num_updates, num_replicates, seed=0):

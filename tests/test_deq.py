@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import optax_pes
-from optax_pes._adjoints import flat_layer
-from optax_pes._solvers import solve
+from optax_pes._implicit._adjoints import flat_layer
+from optax_pes._implicit._solvers import solve
 
 
 class Layer(eqx.Module):

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from optax_pes._system import unroll
+from optax_pes import unroll
 from optax_pes.tasks import (
     influence_balancing,
     influence_balancing_optimum,

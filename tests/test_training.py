@@ -305,7 +305,7 @@ def test_bad_input_names_the_argument():
         batch_size=kw.pop("batch_size", 8),
         **kw,
     )
-    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
         build(batch_size=0)
     with pytest.raises(TypeError, match="batch_size must be an int"):
         build(batch_size=8.0)

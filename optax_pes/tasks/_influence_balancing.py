@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray, Scalar
 
-from optax_pes._system import UnrolledSystem
+from optax_pes._es._system import UnrolledSystem
 
 
 def _check_sizes(n: int, num_positive: int) -> None:
@@ -69,7 +69,7 @@ def influence_balancing(
 
     ```python
     >>> import jax.numpy as jnp
-    >>> from optax_pes._system import unroll
+    >>> from optax_pes import unroll
     >>> from optax_pes.tasks import influence_balancing
     >>> system = influence_balancing(horizon=100)
     >>> losses = unroll(system, jnp.array([-1.0 / 6.0]))

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import PRNGKeyArray, PyTree
 
-from optax_pes._system import as_key
+from optax_pes._checks import as_key
 
 
 class LearnedOptimizerState(NamedTuple):

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree, Scalar
 
-from optax_pes._system import UnrolledSystem, as_key
+from optax_pes._checks import as_key
+from optax_pes._es._system import UnrolledSystem
 
 
 def _is_shape(x: Any) -> bool:
@@ -86,7 +87,7 @@ def linear_quadratic(
     ```python
     >>> import jax
     >>> import jax.numpy as jnp
-    >>> from optax_pes._system import unroll
+    >>> from optax_pes import unroll
     >>> from optax_pes.tasks import linear_quadratic
     >>> system, theta0 = linear_quadratic(0, theta_shapes={"w": (2, 3), "b": (3,)})
     >>> jax.tree.map(jnp.shape, theta0)

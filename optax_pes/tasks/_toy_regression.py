@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray, Scalar
 
-from optax_pes._system import UnrolledSystem, unroll
+from optax_pes._es._system import UnrolledSystem, unroll
 
 _SQRT5 = 5.0**0.5
 
@@ -60,7 +60,7 @@ def toy_regression(horizon: int = 100) -> UnrolledSystem:
 
     ```python
     >>> import jax.numpy as jnp
-    >>> from optax_pes._system import unroll
+    >>> from optax_pes import unroll
     >>> from optax_pes.tasks import toy_regression
     >>> system = toy_regression()
     >>> losses = unroll(system, jnp.array([-4.0, -4.0]))

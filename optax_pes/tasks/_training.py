@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Int, PRNGKeyArray, PyTree, Scalar
 
-from optax_pes._estimator import check_int
-from optax_pes._system import UnrolledSystem
+from optax_pes._checks import check_int
+from optax_pes._es._system import UnrolledSystem
 
 
 class TrainingState(NamedTuple):

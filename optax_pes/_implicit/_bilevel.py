@@ -18,7 +18,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, PyTree
 
-from optax_pes._estimator import check_int, require_params
+from optax_pes._checks import check_int, require_params
 
 Method = Literal["shine", "shine_opa", "shine_refine", "implicit", "jacobian_free"]
 METHODS = ("shine", "shine_opa", "shine_refine", "implicit", "jacobian_free")

@@ -23,7 +23,7 @@ import lineax as lx
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, PyTree
 
-from optax_pes._solvers import AbstractSolver, LowRankInverse
+from optax_pes._implicit._solvers import AbstractSolver, LowRankInverse
 
 LayerFn = Any  # Callable[[z_flat], z_flat]: f(z, x) on flat vectors
 

@@ -1,15 +1,25 @@
 """An unrolled computation graph, described by its initial state and one inner step."""
 
 from collections.abc import Callable
-from typing import Any
 
 import equinox as eqx
 import jax
-import numpy as np
+import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree, Scalar
 
+from optax_pes._checks import (
+    as_key,
+    check_callable,
+    check_float_tree,
+    check_int,
+    check_same_structure,
+    describe,
+)
+
 InitFn = Callable[[PyTree, PRNGKeyArray], PyTree]
+"""`init(theta, key) -> inner_state`: the state an episode starts from."""
 StepFn = Callable[[PyTree, PyTree, PRNGKeyArray], tuple[PyTree, Scalar]]
+"""`step(theta, inner_state, key) -> (inner_state, loss)`: one inner step."""
 
 
 class UnrolledSystem(eqx.Module):
@@ -56,23 +66,11 @@ class UnrolledSystem(eqx.Module):
     horizon: int = eqx.field(static=True)
 
     def __check_init__(self):
-        if not callable(self.init):
-            raise TypeError(
-                "init must be a callable init(theta, key) -> inner_state, "
-                f"got {type(self.init).__name__}"
-            )
-        if not callable(self.step):
-            raise TypeError(
-                "step must be a callable step(theta, inner_state, key) -> "
-                f"(inner_state, loss), got {type(self.step).__name__}"
-            )
-        if isinstance(self.horizon, bool) or not isinstance(self.horizon, int):
-            raise TypeError(
-                f"horizon must be a positive int, got {self.horizon!r} "
-                f"of type {type(self.horizon).__name__}"
-            )
-        if self.horizon <= 0:
-            raise ValueError(f"horizon must be a positive int, got {self.horizon}")
+        check_callable(self.init, "init", "init(theta, key) -> inner_state")
+        check_callable(
+            self.step, "step", "step(theta, inner_state, key) -> (inner_state, loss)"
+        )
+        check_int(self.horizon, "horizon", 1)
 
 
 def unroll(
@@ -105,27 +103,53 @@ def unroll(
     return losses
 
 
-def as_key(key: Any, name: str) -> PRNGKeyArray:
-    """Canonicalise an int seed, a raw `uint32[2]` key or a typed key to a typed key."""
-    if isinstance(key, bool):
-        raise TypeError(f"{name} must be an int seed or a jax PRNG key, got a bool")
-    if isinstance(key, int):
-        return jax.random.key(key)
-    if isinstance(key, jax.Array) and jax.dtypes.issubdtype(
-        key.dtype, jax.dtypes.prng_key
-    ):
-        if key.shape != ():
-            raise ValueError(
-                f"{name} must be a single PRNG key (shape ()), got shape {key.shape}"
-            )
-        return key
-    if (
-        isinstance(key, (jax.Array, np.ndarray))
-        and key.shape == (2,)
-        and key.dtype == np.uint32
-    ):
-        return jax.random.wrap_key_data(key)
-    raise TypeError(
-        f"{name} must be an int seed or a jax PRNG key (jax.random.key(0)), "
-        f"got {type(key).__name__}"
+def check_against_system(system: UnrolledSystem, params: PyTree) -> jnp.dtype:
+    """Trace init and step on `params` (no FLOPs); return the loss dtype.
+
+    Raises a `ValueError` naming what is wrong: `theta` not accepted by the system,
+    `step` changing the state's structure, or a loss that is not a float scalar.
+    """
+    check_float_tree(params, "params")
+    key = jax.random.key(0)
+    try:
+        state = jax.eval_shape(system.init, params, key)
+    except Exception as e:  # noqa: BLE001 - re-raised with context
+        raise ValueError(
+            "system.init(theta, key) failed on params "
+            f"{describe(params)}; does theta match the system? ({e})"
+        ) from e
+    try:
+        new_state, loss = jax.eval_shape(system.step, params, state, key)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(
+            "system.step(theta, inner_state, key) failed on params "
+            f"{describe(params)} and the state from init {describe(state)}; "
+            f"does theta match the system? ({e})"
+        ) from e
+    check_same_structure(
+        new_state,
+        state,
+        lambda expected, got: (
+            "system.step must return an inner state with the structure, shapes and "
+            f"dtypes of init's: init gave {expected}, step gave {got}"
+        ),
     )
+    if not hasattr(loss, "shape") or loss.shape != ():
+        raise ValueError(
+            "system.step must return (inner_state, loss) with a scalar loss, got a "
+            f"loss of shape {getattr(loss, 'shape', type(loss).__name__)}"
+        )
+    if not jnp.issubdtype(loss.dtype, jnp.floating):
+        raise ValueError(
+            f"system.step must return a float loss, got dtype {loss.dtype}; cast "
+            "non-differentiable metrics (accuracy, counts) to float"
+        )
+    return loss.dtype
+
+
+def empty_inner_state(
+    system: UnrolledSystem, params: PyTree, num_states: int
+) -> PyTree:
+    """Zeros shaped like `num_states` inner states (every group starts fresh)."""
+    shapes = jax.eval_shape(system.init, params, jax.random.key(0))
+    return jax.tree.map(lambda s: jnp.zeros((num_states,) + s.shape, s.dtype), shapes)

@@ -8,9 +8,18 @@ import optax
 from jax.sharding import Mesh
 from jaxtyping import PRNGKeyArray, PyTree
 
-from optax_pes import _estimator as est
-from optax_pes._system import UnrolledSystem, as_key
-from optax_pes._window import run_window
+from optax_pes._checks import require_params
+from optax_pes._es._config import configure
+from optax_pes._es._state import (
+    EstimatorState,
+    NoNoise,
+    initial_state,
+    next_state,
+    window_validity,
+)
+from optax_pes._es._system import UnrolledSystem, check_against_system
+from optax_pes._es._window import run_window
+from optax_pes._tree import add_to_updates
 
 
 def tbptt(
@@ -53,56 +62,51 @@ def tbptt(
 
     ```
     """
-    est.check_system(system)
-    truncation_length = est.check_truncation_length(truncation_length, system.horizon)
-    num_particles = est.check_int(num_particles, "num_particles", 1)
-    key = as_key(key, "key")
-    placement = est.placement(mesh, mesh_axes, num_particles)
-    horizon = system.horizon
-    offsets = est.stagger_offsets(num_particles, horizon, truncation_length, stagger)
+    config = configure(
+        "tbptt",
+        system,
+        truncation_length=truncation_length,
+        num_particles=num_particles,
+        sigma=None,
+        key=key,
+        stagger=stagger,
+        antithetic=False,
+        mesh=mesh,
+        mesh_axes=mesh_axes,
+    )
 
-    def init_fn(params: PyTree) -> est.EstimatorState:
-        return est.initial_state(
-            system,
-            params,
-            key,
-            num_states=num_particles,
-            offsets=offsets,
-            placement=placement,
-            noise=(),
+    def init_fn(params: PyTree) -> EstimatorState:
+        return initial_state(
+            config, params, num_states=config.num_particles, noise=NoNoise()
         )
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
-        est.require_params(params, "tbptt")
-        loss_dtype = est.check_against_system(system, params)
-        rng_key, _, window_key = est.split_key(state.rng_key)
-        thetas = jax.tree.map(
-            lambda p: jnp.broadcast_to(p, (num_particles,) + p.shape), params
-        )
+        require_params(params, "tbptt")
+        loss_dtype = check_against_system(system, params)
+        rng_key, _, window_key = jax.random.split(state.rng_key, 3)
+        n = config.num_particles
+        thetas = jax.tree.map(lambda p: jnp.broadcast_to(p, (n,) + p.shape), params)
 
         def window_loss(thetas):
             result = run_window(
-                system,
+                config,
                 thetas,
                 jax.lax.stop_gradient(state.inner_state),
                 state.remaining,
                 state.needs_init,
                 window_key,
-                members=1,
-                truncation_length=truncation_length,
                 loss_dtype=loss_dtype,
-                placement=placement,
             )
             return jnp.sum(result.loss_before + result.loss_after), result
 
         # Losses are separable over particles: the gradient with respect to each
         # particle's copy of theta is that particle's own window gradient.
         grads, result = jax.grad(window_loss, has_aux=True)(thetas)
-        grads = placement.replicate(grads)  # reduce as on one device
-        valid = est.window_validity(result, 1, num_particles)
+        grads = config.placement.replicate(grads)  # reduce as on one device
+        valid = window_validity(config, result)
         for g in jax.tree.leaves(grads):
-            valid = valid & jnp.all(jnp.isfinite(g.reshape(num_particles, -1)), axis=1)
+            valid = valid & jnp.all(jnp.isfinite(g.reshape(n, -1)), axis=1)
         count = jnp.maximum(jnp.sum(valid), 1)
         estimate = jax.tree.map(
             lambda g: (
@@ -115,18 +119,16 @@ def tbptt(
             ),
             grads,
         )
-        new_state = est.next_state(
+        new_state = next_state(
+            config,
             state,
             rng_key,
             result,
             valid,
             estimate,
             inner_state=result.inner_state,
-            noise=(),
-            num_members=1,
-            truncation_length=truncation_length,
-            horizon=horizon,
+            noise=NoNoise(),
         )
-        return est.add_estimate(updates, estimate), new_state
+        return add_to_updates(updates, estimate), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

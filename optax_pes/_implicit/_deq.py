@@ -8,8 +8,13 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import PyTree
 
-from optax_pes._adjoints import AbstractAdjoint, Shine, flat_layer, stop_gradient
-from optax_pes._solvers import AbstractSolver, Broyden, SolveInfo, solve
+from optax_pes._implicit._adjoints import (
+    AbstractAdjoint,
+    Shine,
+    flat_layer,
+    stop_gradient,
+)
+from optax_pes._implicit._solvers import AbstractSolver, Broyden, SolveInfo, solve
 
 
 def _describe(tree: PyTree) -> str:

@@ -1,15 +1,51 @@
 """Persistent Evolution Strategies (PES) and full-unroll ES, which is PES with K = T."""
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
-from jaxtyping import Array, PRNGKeyArray, PyTree
+from jaxtyping import Array, PRNGKeyArray
 
-from optax_pes import _estimator as est
-from optax_pes._system import UnrolledSystem, as_key
-from optax_pes._window import run_window
+from optax_pes._es._config import configure
+from optax_pes._es._estimator import (
+    AbstractNoisePolicy,
+    Perturbation,
+    estimator,
+    perturb,
+    standard_normal,
+)
+from optax_pes._es._system import UnrolledSystem
+
+
+class PESNoise(NamedTuple):
+    """PES's noise state: what each particle's current episode has accumulated."""
+
+    score: Array  # (groups, dim), theta's dtype: sum of eps / sigma^2 (`+` member)
+
+
+class _PersistentNoise(AbstractNoisePolicy):
+    r"""Fresh noise every window; a window's losses are credited to the scores its
+    episode has accumulated, $\xi \leftarrow \xi + \epsilon / \sigma^2$ (losses after
+    a mid-window reset to the new episode's score only)."""
+
+    def init_noise(self, config, flat):
+        return PESNoise(jnp.zeros((config.num_groups,) + flat.shape, flat.dtype))
+
+    def perturb(self, config, noise, needs_init, flat, sigma, key):
+        z = standard_normal(config, flat, key)
+        score = z / sigma
+        thetas = perturb(flat, z, config.signs, sigma)
+        return Perturbation(thetas, None, noise.score + score, score, None)
+
+    def next_noise(self, config, noise, perturbation, result, valid):
+        # This window's score for an episode that began inside it, zero for one
+        # that ended (or was dropped), else the running sum.
+        accumulated, fresh = perturbation.credit_before, perturbation.credit_after
+        score = jnp.where(result.reset_inside[:, None], fresh, accumulated)
+        restart = (result.needs_init | ~valid)[:, None]
+        return PESNoise(jnp.where(restart, 0, score))
 
 
 def pes(
@@ -90,20 +126,19 @@ def pes(
     Unrolled Computation Graphs with Persistent Evolution Strategies*, ICML 2021,
     <https://proceedings.mlr.press/v139/vicol21a.html>.
     """
-    est.check_system(system)
-    truncation_length = est.check_truncation_length(truncation_length, system.horizon)
-    return _persistent(
+    config = configure(
         "pes",
         system,
-        num_particles,
-        sigma,
-        truncation_length,
-        key,
-        stagger,
-        antithetic,
-        mesh,
-        mesh_axes,
+        truncation_length=truncation_length,
+        num_particles=num_particles,
+        sigma=sigma,
+        key=key,
+        stagger=stagger,
+        antithetic=antithetic,
+        mesh=mesh,
+        mesh_axes=mesh_axes,
     )
+    return estimator(config, _PersistentNoise())
 
 
 def full_es(
@@ -139,98 +174,16 @@ def full_es(
 
     ```
     """
-    est.check_system(system)
-    return _persistent(
+    config = configure(
         "full_es",
         system,
-        num_particles,
-        sigma,
-        system.horizon,
-        key,
-        False,
-        antithetic,
-        mesh,
-        mesh_axes,
+        truncation_length=getattr(system, "horizon", 1),
+        num_particles=num_particles,
+        sigma=sigma,
+        key=key,
+        stagger=False,
+        antithetic=antithetic,
+        mesh=mesh,
+        mesh_axes=mesh_axes,
     )
-
-
-def _persistent(
-    name: str,
-    system: UnrolledSystem,
-    num_particles: int,
-    sigma: float | Array,
-    truncation_length: int,
-    key: PRNGKeyArray | int,
-    stagger: bool,
-    antithetic: bool,
-    mesh: Mesh | None,
-    mesh_axes: str | Sequence[str] | None,
-) -> optax.GradientTransformationExtraArgs:
-    num_particles = est.check_num_particles(num_particles, antithetic)
-    placement = est.placement(mesh, mesh_axes, num_particles)
-    est.check_sigma(sigma)
-    key = as_key(key, "key")
-    signs = (1.0, -1.0) if antithetic else (1.0,)
-    members = len(signs)
-    num_groups = num_particles // members
-    horizon = system.horizon
-    offsets = est.stagger_offsets(num_groups, horizon, truncation_length, stagger)
-
-    def init_fn(params: PyTree) -> est.EstimatorState:
-        flat, _ = est.flatten(params)
-        return est.initial_state(
-            system,
-            params,
-            key,
-            num_states=num_particles,
-            offsets=offsets,
-            placement=placement,
-            noise=jnp.zeros((num_groups,) + flat.shape, flat.dtype),
-        )
-
-    def update_fn(updates, state, params=None, **extra_args):
-        del extra_args
-        est.require_params(params, name)
-        loss_dtype = est.check_against_system(system, params)
-        rng_key, noise_key, window_key = est.split_key(state.rng_key)
-        score, thetas, unravel = est.window_noise(
-            noise_key, params, sigma, num_groups, signs
-        )
-        result = run_window(
-            system,
-            thetas,
-            state.inner_state,
-            state.remaining,
-            state.needs_init,
-            window_key,
-            members=members,
-            truncation_length=truncation_length,
-            loss_dtype=loss_dtype,
-            placement=placement,
-        )
-        valid = est.window_validity(result, members, num_groups)
-        accumulated = state.noise + score
-        sync = horizon % truncation_length == 0  # no episode starts mid-window
-        estimate = est.score_estimate(
-            result, valid, signs, accumulated, None if sync else score
-        )
-        # The next accumulator: this window's score for an episode that began inside
-        # it, zero for one that ended (or was dropped), else the running sum.
-        restart = (result.needs_init | ~valid)[:, None]
-        noise = jnp.where(result.reset_inside[:, None], score, accumulated)
-        noise = jnp.where(restart, 0, noise)
-        new_state = est.next_state(
-            state,
-            rng_key,
-            result,
-            valid,
-            estimate,
-            inner_state=result.inner_state,
-            noise=noise,
-            num_members=members,
-            truncation_length=truncation_length,
-            horizon=horizon,
-        )
-        return est.add_estimate(updates, unravel(estimate)), new_state
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return estimator(config, _PersistentNoise())

@@ -6,31 +6,14 @@ for truncated ES, the unperturbed centre). The members of a group share their in
 and init keys (common random numbers) and their episode clock.
 """
 
-from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
-from optax_pes._system import UnrolledSystem
-
-
-class Placement(NamedTuple):
-    """Where per-particle arrays live: `shard` lays a leading particle axis out over
-    devices, `replicate` gathers per-particle results onto every device before they
-    are reduced (built by `optax_pes._estimator.placement`). Both are the identity
-    without a mesh: one code path."""
-
-    shard: Callable[[PyTree], PyTree]
-    replicate: Callable[[PyTree], PyTree]
-
-
-def _identity(tree: PyTree) -> PyTree:
-    return tree
-
-
-ON_ONE_DEVICE = Placement(_identity, _identity)  # no mesh: leave arrays where they are
+from optax_pes._es._config import EstimatorConfig
+from optax_pes._tree import tree_where
 
 
 def tile_groups(tree: PyTree, members: int) -> PyTree:
@@ -38,15 +21,6 @@ def tile_groups(tree: PyTree, members: int) -> PyTree:
     if members == 1:
         return tree
     return jax.tree.map(lambda x: jnp.concatenate([x] * members, axis=0), tree)
-
-
-def tree_where(mask: Bool[Array, " n"], on_true: PyTree, on_false: PyTree) -> PyTree:
-    """Select along the leading axis of every leaf with a 1-d mask."""
-
-    def select(a, b):
-        return jnp.where(mask.reshape(mask.shape + (1,) * (a.ndim - 1)), a, b)
-
-    return jax.tree.map(select, on_true, on_false)
 
 
 class WindowResult(NamedTuple):
@@ -61,31 +35,18 @@ class WindowResult(NamedTuple):
     num_started: Int[Array, ""]  # groups that started an episode in this window
 
 
-def resets_inside(
-    remaining: Int[Array, " groups"], truncation_length: int, horizon: int
-) -> Bool[Array, " groups"]:
-    """Which groups reach the end of their episode before the window's last step."""
-    if horizon % truncation_length == 0:
-        # Episode clocks then stay multiples of K: episodes end on window boundaries.
-        return jnp.zeros(remaining.shape, bool)
-    return remaining < truncation_length
-
-
 def run_window(
-    system: UnrolledSystem,
+    config: EstimatorConfig,
     thetas: PyTree,
     inner_state: PyTree,
     remaining: Int[Array, " groups"],
     needs_init: Bool[Array, " groups"],
     key: PRNGKeyArray,
     *,
-    members: int,
-    truncation_length: int,
     loss_dtype: jnp.dtype,
     thetas_after_reset: PyTree | None = None,
-    placement: Placement = ON_ONE_DEVICE,
 ) -> WindowResult:
-    """Advance every particle by `truncation_length` inner steps.
+    """Advance every particle by `config.truncation_length` inner steps.
 
     Groups flagged `needs_init` start a fresh episode at the window's first step, from
     `init(theta_i, key)` at their perturbed `theta_i`. A group whose episode ends before
@@ -95,20 +56,22 @@ def run_window(
     to its own episode's noise. An episode ending on the window's last step is flagged
     in `needs_init` instead, so that the next window initialises it at its own theta.
 
-    Under `T % K == 0` resets can only happen on window boundaries (the estimators
-    stagger in multiples of K then), and the scan carries no reset logic at all.
+    Under `config.sync` (`T % K == 0`) resets can only happen on window boundaries
+    (the estimators stagger in multiples of K then), and the scan carries no reset
+    logic at all.
 
-    `placement` lays the particle axis (thetas and inner states) out over devices and
-    gathers the per-particle losses back; without one, everything stays where it is.
+    `config.placement` lays the particle axis (thetas and inner states) out over
+    devices and gathers the per-particle losses back; without a mesh, everything stays
+    where it is.
     """
-    shard, replicate = placement
+    shard, replicate = config.placement
+    system, members = config.system, config.members
     thetas = shard(thetas)
     if thetas_after_reset is not None:
         thetas_after_reset = shard(thetas_after_reset)
     horizon = system.horizon
-    num_steps = truncation_length
+    num_steps = config.truncation_length
     num_groups = remaining.shape[0]
-    sync = horizon % num_steps == 0
     init_key, reset_key, step_key = jax.random.split(key, 3)
     step_keys = jax.random.split(step_key, (num_steps, num_groups))
     vmapped_init = jax.vmap(system.init)
@@ -128,7 +91,7 @@ def run_window(
     zeros = jnp.zeros(start.shape, loss_dtype)
     after = jnp.zeros(num_groups, bool)
 
-    if sync:
+    if config.sync:
 
         def body(carry, keys):
             state, loss_sum = carry
@@ -143,7 +106,7 @@ def run_window(
         remaining = remaining - num_steps
     else:
         ths_after = thetas if thetas_after_reset is None else thetas_after_reset
-        will_reset = resets_inside(remaining, num_steps, horizon)
+        will_reset = remaining < num_steps  # the episode ends inside the window
         reset_states = jax.lax.cond(
             jnp.any(will_reset),
             lambda: shard(fresh_states(reset_key, ths_after)),

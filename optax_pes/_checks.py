@@ -1,0 +1,149 @@
+"""Argument checking: one vocabulary for every factory and module of the library.
+
+Every message names the argument, the expected form and what was received:
+``"truncation_length must be an int in [1, 6], got 7"``. This module imports nothing
+from the library, so both halves (estimators, implicit layers) and the tasks use it.
+"""
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import PRNGKeyArray, PyTree
+
+
+def describe(tree: PyTree) -> str:
+    """`{'a': float32[3]}`-style summary of a pytree's dtypes and shapes."""
+    return str(
+        jax.tree.map(lambda a: f"{jnp.result_type(a)}{list(jnp.shape(a))}", tree)
+    )
+
+
+def check_int(value: Any, name: str, low: int, high: int | None = None) -> int:
+    """`value` as an `int` in `[low, high]` (no upper bound when `high` is None)."""
+    bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        hint = ""
+        if isinstance(value, jax.Array):
+            hint = (
+                " (under optax.inject_hyperparams, pass structural arguments "
+                "through static_args)"
+            )
+        raise TypeError(
+            f"{name} must be an int {bound}, got {value!r} of type "
+            f"{type(value).__name__}{hint}"
+        )
+    value = int(value)
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"{name} must be an int {bound}, got {value}")
+    return value
+
+
+def check_float(
+    value: Any,
+    name: str,
+    *,
+    low: float = 0.0,
+    high: float | None = None,
+    low_inclusive: bool = False,
+) -> float:
+    """`value` as a finite Python float above `low` (and at most `high`)."""
+    if high is not None:
+        bound = f"a float in {'[' if low_inclusive else '('}{low}, {high}]"
+    elif low == 0 and not low_inclusive:
+        bound = "a positive float"
+    else:
+        bound = f"a float {'>=' if low_inclusive else '>'} {low}"
+    if isinstance(value, bool) or not isinstance(
+        value, (int, float, np.integer, np.floating)
+    ):
+        raise TypeError(f"{name} must be {bound}, got {value!r}")
+    value = float(value)
+    above = value >= low if low_inclusive else value > low
+    if not (np.isfinite(value) and above and (high is None or value <= high)):
+        raise ValueError(f"{name} must be {bound}, got {value!r}")
+    return value
+
+
+def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
+    """`value` if it is one of the strings `choices`."""
+    if not (isinstance(value, str) and value in choices):
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_callable(value: Any, name: str, form: str) -> Callable:
+    """`value` if callable; `form` shows the expected signature."""
+    if not callable(value):
+        raise TypeError(f"{name} must be a callable {form}, got {type(value).__name__}")
+    return value
+
+
+def check_float_tree(tree: PyTree, name: str) -> None:
+    """A non-empty pytree whose leaves are all floating-point arrays."""
+    if not jax.tree.leaves(tree):
+        raise ValueError(f"{name} must be a non-empty pytree of float arrays")
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(
+                f"{name} must be a pytree of floating-point arrays; the leaf at "
+                f"{jax.tree_util.keystr(path) or 'the root'} is "
+                f"{type(leaf).__name__} with dtype {dtype}"
+            )
+
+
+def check_same_structure(
+    got: PyTree, expected: PyTree, message: Callable[[str, str], str]
+) -> None:
+    """Raise `ValueError(message(expected, got))` unless the two pytrees agree in
+    structure, shapes and dtypes."""
+    same = jax.tree.structure(got) == jax.tree.structure(expected) and all(
+        jnp.shape(a) == jnp.shape(b) and jnp.result_type(a) == jnp.result_type(b)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True)
+    )
+    if not same:
+        raise ValueError(message(describe(expected), describe(got)))
+
+
+def require_params(params: Any, name: str) -> None:
+    """`update` of a transformation that needs `params` (optax passes None)."""
+    if params is None:
+        raise ValueError(
+            f"{name}.update needs params (the current theta): call "
+            "tx.update(updates, state, params)"
+        )
+
+
+def as_key(key: Any, name: str) -> PRNGKeyArray:
+    """Canonicalise an int seed, a raw `uint32[2]` key or a typed key to a typed key."""
+    if isinstance(key, bool):
+        raise TypeError(f"{name} must be an int seed or a jax PRNG key, got a bool")
+    if isinstance(key, (int, np.integer)):
+        return jax.random.key(int(key))
+    if isinstance(key, jax.Array) and jax.dtypes.issubdtype(
+        key.dtype, jax.dtypes.prng_key
+    ):
+        if key.shape != ():
+            raise ValueError(
+                f"{name} must be a single PRNG key (shape ()), got shape {key.shape}"
+            )
+        return key
+    if (
+        isinstance(key, (jax.Array, np.ndarray))
+        and key.shape == (2,)
+        and key.dtype == np.uint32
+    ):
+        return jax.random.wrap_key_data(key)
+    raise TypeError(
+        f"{name} must be an int seed or a jax PRNG key (jax.random.key(0)), "
+        f"got {type(key).__name__}"
+    )
+
+
+def is_concrete(x: Any) -> bool:
+    """True for values known now (Python numbers, numpy and committed jax arrays),
+    False for tracers (under `jit`, or `inject_hyperparams` inside a trace)."""
+    return not isinstance(x, jax.core.Tracer)

@@ -1,0 +1,140 @@
+"""The structural configuration every estimator shares, validated once."""
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+from jaxtyping import PRNGKeyArray
+
+from optax_pes._checks import as_key, check_int, is_concrete
+from optax_pes._es._system import UnrolledSystem
+from optax_pes._placement import Placement, placement
+
+
+class EstimatorConfig(NamedTuple):
+    """What an estimator is, fixed at its factory: validated by `configure`.
+
+    Particles form `num_groups` groups whose members share inner-step keys and an
+    episode clock. Member `m` of a group runs at `theta + signs[m] * eps`: `(+1, -1)`
+    for an antithetic pair, `(+1,)` without, and truncated ES adds an unperturbed
+    centre (`0`). Particle `i` is member `i // num_groups` of group `i % num_groups`
+    (member-major).
+    """
+
+    name: str  # the factory's name, for error messages
+    system: UnrolledSystem  # what is differentiated
+    truncation_length: int  # K: inner steps per window (update)
+    num_particles: int  # N: perturbed particles (truncated ES's centres not counted)
+    signs: tuple[float, ...]  # per member of a group
+    num_groups: int  # groups of particles sharing keys and an episode clock
+    offsets: np.ndarray  # (groups,) int32: steps already done by a first episode
+    sync: bool  # horizon % K == 0: episodes only end on window boundaries
+    placement: Placement  # where the particle axis lives
+    key: PRNGKeyArray  # the initial PRNG key
+    sigma: Any  # the perturbation's standard deviation (None for TBPTT)
+
+    @property
+    def members(self) -> int:
+        """Particles per group, the unperturbed centre included."""
+        return len(self.signs)
+
+    @property
+    def particles_per_group(self) -> int:
+        """Perturbed particles per group (what the diagnostics count)."""
+        return self.num_particles // self.num_groups
+
+
+def check_system(system: Any) -> UnrolledSystem:
+    if not isinstance(system, UnrolledSystem):
+        raise TypeError(
+            "system must be an optax_pes.UnrolledSystem(init, step, horizon), "
+            f"got {type(system).__name__}"
+        )
+    return system
+
+
+def check_sigma(sigma: Any) -> None:
+    """Concrete values (numbers, numpy and jax arrays) are checked now; traced ones
+    (`inject_hyperparams` inside a trace) at update time."""
+    number = isinstance(sigma, (int, float, np.floating, np.integer)) and not (
+        isinstance(sigma, bool)
+    )
+    array = isinstance(sigma, (jax.Array, np.ndarray)) and np.shape(sigma) == ()
+    if not (number or array) or (array and not np.issubdtype(sigma.dtype, np.number)):
+        raise TypeError(f"sigma must be a positive float scalar, got {sigma!r}")
+    if is_concrete(sigma):
+        value = float(np.asarray(sigma))
+        if not np.isfinite(value) or value <= 0:
+            raise ValueError(
+                f"sigma must be a positive finite standard deviation, got {value}"
+            )
+
+
+def check_num_particles(num_particles: Any, antithetic: bool) -> int:
+    num_particles = check_int(num_particles, "num_particles", 2 if antithetic else 1)
+    if antithetic and num_particles % 2:
+        raise ValueError(
+            "num_particles must be even for antithetic sampling, "
+            f"got {num_particles} (or pass antithetic=False)"
+        )
+    return num_particles
+
+
+def stagger_offsets(
+    num_groups: int, horizon: int, truncation_length: int, stagger: bool
+) -> np.ndarray:
+    """Steps already 'done' by each group's first episode, spread over the episode.
+
+    With `T % K == 0` offsets are multiples of K (episodes keep ending on window
+    boundaries, the cheap path); otherwise they are spread over all T steps.
+    """
+    groups = np.arange(num_groups)
+    if not stagger:
+        return np.zeros(num_groups, np.int32)
+    if horizon % truncation_length == 0:
+        windows = horizon // truncation_length
+        return (truncation_length * (groups * windows // num_groups)).astype(np.int32)
+    return (groups * horizon // num_groups).astype(np.int32)
+
+
+def configure(
+    name: str,
+    system: Any,
+    *,
+    truncation_length: Any,
+    num_particles: Any,
+    sigma: Any,
+    key: Any,
+    stagger: bool,
+    antithetic: bool,
+    mesh: Any,
+    mesh_axes: str | Sequence[str] | None,
+    centre: bool = False,
+) -> EstimatorConfig:
+    """Validate a factory's arguments (each error names its argument) and derive
+    the group layout. `sigma=None` means no perturbation (TBPTT); `centre` adds an
+    unperturbed member to every group (truncated ES)."""
+    system = check_system(system)
+    horizon = system.horizon
+    truncation_length = check_int(truncation_length, "truncation_length", 1, horizon)
+    num_particles = check_num_particles(num_particles, antithetic)
+    if sigma is not None:
+        check_sigma(sigma)
+    where = placement(mesh, mesh_axes, num_particles)
+    key = as_key(key, "key")
+    perturbed = (1.0, -1.0) if antithetic else (1.0,)
+    num_groups = num_particles // len(perturbed)
+    return EstimatorConfig(
+        name=name,
+        system=system,
+        truncation_length=truncation_length,
+        num_particles=num_particles,
+        signs=perturbed + ((0.0,) if centre else ()),
+        num_groups=num_groups,
+        offsets=stagger_offsets(num_groups, horizon, truncation_length, stagger),
+        sync=horizon % truncation_length == 0,
+        placement=where,
+        key=key,
+        sigma=sigma,
+    )

@@ -1,0 +1,110 @@
+"""The state every estimator transformation keeps, and its diagnostics."""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, PyTree
+
+from optax_pes._es._config import EstimatorConfig
+from optax_pes._es._system import check_against_system, empty_inner_state
+from optax_pes._es._window import WindowResult
+from optax_pes._tree import global_norm_f32
+
+
+class Diagnostics(NamedTuple):
+    """What the last update saw, for logging. All scalars; dtypes never change."""
+
+    mean_loss: jax.Array  # shape=(), float32: mean per-step loss of the valid particles
+    estimate_norm: jax.Array  # shape=(), float32: global l2 norm of the last estimate
+    num_resets: jax.Array  # shape=(), int32: particles that started an episode
+    num_nonfinite: jax.Array  # shape=(), int32: particles left out (non-finite loss)
+
+
+class NoNoise(NamedTuple):
+    """The noise state of estimators that keep none between windows (truncated ES,
+    TBPTT)."""
+
+
+class EstimatorState(NamedTuple):
+    """State of every estimator transformation (`pes`, `nres`, `truncated_es`, ...).
+
+    Particles form groups (an antithetic pair, or a single particle) sharing inner-step
+    keys and an episode clock; `inner_state` has a leading particle axis laid out
+    member-major (particle `i` is in group `i % num_groups`).
+    """
+
+    count: jax.Array  # shape=(), int32: updates (windows) so far
+    rng_key: jax.Array  # typed PRNG key, split at every update
+    inner_state: PyTree  # the system's state, leading axis = particles
+    remaining: jax.Array  # shape=(groups,), int32: steps left in each group's episode
+    needs_init: jax.Array  # shape=(groups,), bool: group starts an episode next window
+    noise: PyTree  # the estimator's noise state: PESNoise, NRESNoise or NoNoise
+    diagnostics: Diagnostics  # what the last update saw, for logging
+
+
+def initial_state(
+    config: EstimatorConfig, params: PyTree, *, num_states: int, noise: PyTree
+) -> EstimatorState:
+    """Every group starts a fresh episode at the first update; `num_states` inner
+    states (zeros until then, laid out by the placement), the first episodes shortened
+    by the stagger offsets. Checks `params` against the system first."""
+    system = config.system
+    check_against_system(system, params)
+    zero = jnp.zeros((), jnp.float32)
+    count = jnp.zeros((), jnp.int32)
+    return EstimatorState(
+        count=count,
+        rng_key=config.key,
+        inner_state=config.placement.shard(
+            empty_inner_state(system, params, num_states)
+        ),
+        remaining=jnp.asarray(system.horizon - config.offsets, jnp.int32),
+        needs_init=jnp.ones(config.num_groups, bool),
+        noise=noise,
+        diagnostics=Diagnostics(zero, zero, count, count),
+    )
+
+
+def window_validity(
+    config: EstimatorConfig, result: WindowResult
+) -> Bool[Array, " groups"]:
+    """Groups whose every member's window loss is finite."""
+    total = result.loss_before + result.loss_after
+    total = total.reshape(config.members, config.num_groups)
+    return jnp.all(jnp.isfinite(total), axis=0)
+
+
+def next_state(
+    config: EstimatorConfig,
+    state: EstimatorState,
+    rng_key: jax.Array,
+    result: WindowResult,
+    valid: Bool[Array, " groups"],
+    estimate: PyTree,
+    *,
+    inner_state: PyTree,
+    noise: PyTree,
+) -> EstimatorState:
+    """The state after a window: invalid groups restart next window, diagnostics
+    recorded."""
+    members, per_group = config.members, config.particles_per_group
+    total = (result.loss_before + result.loss_after).reshape(members, -1)
+    valid_total = jnp.where(valid, total, 0).astype(jnp.float32)
+    denom = jnp.maximum(members * jnp.sum(valid), 1) * config.truncation_length
+    diagnostics = Diagnostics(
+        mean_loss=jnp.sum(valid_total) / denom.astype(jnp.float32),
+        estimate_norm=global_norm_f32(estimate),
+        num_resets=(per_group * result.num_started).astype(jnp.int32),
+        num_nonfinite=per_group * jnp.sum(~valid, dtype=jnp.int32),
+    )
+    horizon = config.system.horizon
+    return EstimatorState(
+        count=state.count + 1,
+        rng_key=rng_key,
+        inner_state=inner_state,
+        remaining=jnp.where(valid, result.remaining, horizon).astype(jnp.int32),
+        needs_init=result.needs_init | ~valid,
+        noise=noise,
+        diagnostics=diagnostics,
+    )

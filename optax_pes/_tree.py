@@ -1,0 +1,38 @@
+"""Small pytree utilities both halves of the library use."""
+
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, PyTree
+
+
+def tree_where(mask: Bool[Array, " n"], on_true: PyTree, on_false: PyTree) -> PyTree:
+    """Select along the leading axis of every leaf with a 1-d mask."""
+
+    def select(a, b):
+        return jnp.where(mask.reshape(mask.shape + (1,) * (a.ndim - 1)), a, b)
+
+    return jax.tree.map(select, on_true, on_false)
+
+
+def stop_gradient(tree: Any) -> Any:
+    """`lax.stop_gradient` on every array leaf, other leaves untouched."""
+    return jax.tree.map(
+        lambda a: jax.lax.stop_gradient(a) if eqx.is_array(a) else a, tree
+    )
+
+
+def add_to_updates(updates: PyTree, estimate: PyTree) -> PyTree:
+    """`updates + estimate`, leaf by leaf, in the dtypes of `updates` (an estimator
+    transformation *adds* its estimate, as optax's `add_noise` adds noise)."""
+    return jax.tree.map(
+        lambda u, e: (u + e).astype(jnp.result_type(u)), updates, estimate
+    )
+
+
+def global_norm_f32(tree: PyTree) -> Array:
+    """The l2 norm of all leaves, as a float32 scalar (for diagnostics)."""
+    sq = sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))
+    return jnp.sqrt(jnp.asarray(sq, jnp.float32))

@@ -80,3 +80,35 @@ def test_toy_regression_truncated_es_stalls():
     assert (
         _toy_regression_meta_loss(optax_pes.truncated_es) > 2 * TOY_REGRESSION_GRID_MIN
     )
+
+
+# -- slow: the reproductions over more seeds (`-m slow`) ----------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("make", [optax_pes.pes, optax_pes.nres], ids=["pes", "nres"])
+def test_toy_regression_reaches_the_grid_minimum_every_seed(make, seed):
+    system = tasks.toy_regression()
+    tx = optax.chain(
+        make(system, num_particles=100, sigma=0.3, truncation_length=10, key=seed),
+        optax.adam(1e-2),
+    )
+    theta = _train(tx, jnp.array([-4.0, -4.0]), 1000)
+    meta_loss = float(jnp.sum(optax_pes.unroll(system, theta)))
+    assert meta_loss < 1.05 * TOY_REGRESSION_GRID_MIN
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("make", [optax_pes.pes, optax_pes.nres], ids=["pes", "nres"])
+def test_influence_balancing_converges_every_seed(make, seed):
+    estimator = make(
+        tasks.influence_balancing(),
+        num_particles=1000,
+        sigma=0.1,
+        truncation_length=1,
+        key=seed,
+    )
+    theta = _train(optax.chain(estimator, optax.sgd(1e-4)), jnp.array([0.5]), 3000)
+    assert abs(float(theta[0]) + 1 / 6) < 1e-3

@@ -153,3 +153,73 @@ def test_unbiased_where_truncation_bias_is_large(name, case):
 @pytest.mark.parametrize("name", ["truncated_es", "tbptt"])
 def test_truncated_estimators_fail_the_same_check(name, case):
     assert _high_memory_z_score(name, case, replicates=1024) > Z_BIASED
+
+
+# -- slow: the same checks with more systems and more replicates (`-m slow`) --------
+
+
+@pytest.mark.slow
+@settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(
+    name=st.sampled_from(["pes", "nres", "full_es"]),
+    seed=st.integers(0, 2**16),
+    state_dim=st.integers(1, 4),
+    theta_shapes=st.sampled_from(THETA_SHAPES),
+    horizon=st.integers(2, 16),
+    truncation_fraction=st.floats(0.0, 1.0),
+    stagger=st.booleans(),
+    antithetic=st.booleans(),
+)
+def test_unbiased_on_many_random_systems(
+    name,
+    seed,
+    state_dim,
+    theta_shapes,
+    horizon,
+    truncation_fraction,
+    stagger,
+    antithetic,
+):
+    truncation_length = 1 + int(truncation_fraction * (horizon - 1))
+    if name == "full_es":
+        truncation_length, stagger = horizon, False
+    with jax.enable_x64(True):
+        system, theta = linear_quadratic(
+            seed,
+            state_dim=state_dim,
+            theta_shapes=theta_shapes,
+            horizon=horizon,
+            memory=0.9,
+            dtype="float64",
+        )
+        kwargs = dict(num_particles=8, sigma=0.1, key=0, antithetic=antithetic)
+        if name != "full_es":
+            kwargs.update(truncation_length=truncation_length, stagger=stagger)
+        tx = getattr(optax_pes, name)(system, **kwargs)
+        num_updates = -(-3 * horizon // truncation_length)
+        samples = summed_estimates(
+            tx, theta, num_updates=num_updates, num_replicates=512
+        )
+        expected = expected_sum(
+            system,
+            theta,
+            num_groups=8 // (2 if antithetic else 1),
+            truncation_length=truncation_length,
+            stagger=stagger,
+            num_updates=num_updates,
+        )
+    assert max_z_score(samples, expected) < Z_UNBIASED
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", BIAS_CASES, ids=["sync", "staggered-resets-inside"])
+@pytest.mark.parametrize("name", ["pes", "nres"])
+def test_unbiased_where_truncation_bias_is_large_many_replicates(name, case):
+    # 4x the replicates of the default test: the standard error halves, so a bias a
+    # quarter of the size the biased estimators show would now be caught.
+    assert _high_memory_z_score(name, case, replicates=4096) < Z_UNBIASED

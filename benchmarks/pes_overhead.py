@@ -27,165 +27,36 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import statistics
-import sys
 import time
-from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
+from _problems import SYSTEMS, THETA0, bare_window, perturbed
+from _timing import (
+    block,
+    calls_for,
+    compare,
+    header,
+    medians,
+    memory_of,
+    paired_ratio,
+    sized,
+    us,
+)
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import optax_pes  # noqa: E402
+import optax_pes
 
 SIGMA = 0.1
 OUTER_LR = 1e-2
 
-# ------------------------------------------------------------------ systems --------
-
-
-def mlp_system(
-    horizon: int, in_dim: int = 8, hidden: int = 64, batch: int = 64
-) -> optax_pes.UnrolledSystem:
-    """Inner problem: SGD on a 2-layer tanh MLP, synthetic regression, theta = log lr.
-
-    Each step draws a fresh batch from its key (so antithetic pairs share batches),
-    takes one SGD step at learning rate exp(theta[0]) and returns the batch's loss.
-    """
-    rng = np.random.default_rng(1234)
-    t1 = jnp.asarray(rng.normal(size=(in_dim, 16)) / np.sqrt(in_dim), jnp.float32)
-    t2 = jnp.asarray(rng.normal(size=(16, 1)) / 4.0, jnp.float32)
-
-    def init(theta, key):
-        k1, k2 = jax.random.split(key)
-        return {
-            "w1": jax.random.normal(k1, (in_dim, hidden)) / np.sqrt(in_dim),
-            "b1": jnp.zeros((hidden,)),
-            "w2": jax.random.normal(k2, (hidden, 1)) / np.sqrt(hidden),
-            "b2": jnp.zeros((1,)),
-        }
-
-    def mse(params, x, y):
-        h = jnp.tanh(x @ params["w1"] + params["b1"])
-        return jnp.mean((h @ params["w2"] + params["b2"] - y) ** 2)
-
-    def step(theta, params, key):
-        kx, kn = jax.random.split(key)
-        x = jax.random.normal(kx, (batch, in_dim))
-        y = jnp.sin(x @ t1) @ t2 + 0.1 * jax.random.normal(kn, (batch, 1))
-        loss, grads = jax.value_and_grad(mse)(params, x, y)
-        lr = jnp.exp(jnp.reshape(theta, ()))
-        params = jax.tree.map(lambda p, g: p - lr * g, params, grads)
-        return params, loss
-
-    return optax_pes.UnrolledSystem(init=init, step=step, horizon=horizon)
-
-
-def influence_balancing_system(horizon: int) -> optax_pes.UnrolledSystem:
-    tasks = getattr(optax_pes, "tasks", None)
-    if tasks is not None and hasattr(tasks, "influence_balancing"):
-        return tasks.influence_balancing(horizon=horizon)
-    # Fallback (same system): n=23, A = 0.5 I + 0.5 superdiag, b = 10 x +1, 13 x -1.
-    n, num_positive = 23, 10
-
-    def init(theta, key):
-        return jnp.ones((n,), jnp.float32)
-
-    def step(theta, s, key):
-        b = jnp.where(jnp.arange(n) < num_positive, 1.0, -1.0)
-        s = 0.5 * (s + jnp.concatenate([s[1:], jnp.zeros(1)])) + theta[0] * b
-        return s, 0.5 * (s[0] - 1.0) ** 2
-
-    return optax_pes.UnrolledSystem(init=init, step=step, horizon=horizon)
-
-
-SYSTEMS: dict[str, Callable[[int], optax_pes.UnrolledSystem]] = {
-    "mlp": mlp_system,
-    "infl": influence_balancing_system,
-}
-THETA0 = {"mlp": jnp.array([np.log(0.05)], jnp.float32), "infl": jnp.array([0.5])}
+SYSTEM_NAMES = ("infl", "mlp")  # of _problems.SYSTEMS
 
 
 def horizon_for(k: int) -> int:
     # A multiple of K (episodes end on window boundaries) and long enough that the
     # occasional re-initialisation is a small, realistic part of the cost.
     return max(1000, 10 * k)
-
-
-# ------------------------------------------------------------------ timing ---------
-
-
-def block(tree: Any) -> Any:
-    return jax.block_until_ready(tree)
-
-
-def time_loop(fn: Callable[[Any], Any], carry: Any, iters: int) -> tuple[float, Any]:
-    """Seconds per iteration of `carry = fn(carry)` run `iters` times."""
-    block(carry)
-    start = time.perf_counter()
-    for _ in range(iters):
-        carry = fn(carry)
-    block(carry)
-    return (time.perf_counter() - start) / iters, carry
-
-
-def compare(
-    fns: dict[str, tuple[Callable[[Any], Any], Any, int]], repeats: int
-) -> dict[str, list[float]]:
-    """Seconds per unit, one sample per repeat, for each `name: (fn, carry, units)`.
-
-    The candidates are interleaved within each repeat (in an order that rotates), so
-    that drifts (frequency scaling, other processes on a shared machine) hit them all
-    alike and ratios of samples from the same repeat are paired. `fn` is called once
-    per sample with enough work in it (a loop of calls, or a scan of many windows).
-    """
-    carries = {name: carry for name, (_, carry, _) in fns.items()}
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    names = list(fns)
-    for rep in range(repeats):
-        for name in names[rep % len(names) :] + names[: rep % len(names)]:
-            fn, _, units = fns[name]
-            seconds, carries[name] = time_loop(fn, carries[name], 1)
-            samples[name].append(seconds / units)
-    return samples
-
-
-def median(samples: list[float]) -> float:
-    return statistics.median(samples)
-
-
-def paired_ratio(a: list[float], b: list[float], scale: float = 1.0) -> float:
-    """Median over repeats of scale * a_i / b_i (samples taken side by side)."""
-    return statistics.median(scale * x / y for x, y in zip(a, b, strict=True))
-
-
-def loop_of(fn: Callable[[Any], Any], iters: int) -> Callable[[Any], Any]:
-    """`fn` applied `iters` times from Python (one dispatch each)."""
-
-    def run(carry):
-        for _ in range(iters):
-            carry = fn(carry)
-        return carry
-
-    return run
-
-
-def sized(
-    fn: Callable[[Any], Any], carry: Any, units: int, budget: float
-) -> tuple[Callable[[Any], Any], Any, int]:
-    """`fn` (compiled, `units` windows per call) repeated to last about `budget` s."""
-    block(fn(carry))
-    start = time.perf_counter()
-    block(fn(carry))
-    calls = calls_for(time.perf_counter() - start, budget, high=10_000)
-    return loop_of(fn, calls), carry, units * calls
-
-
-def calls_for(seconds_per_call: float, budget: float, low: int = 1, high: int = 500):
-    return int(min(max(round(budget / max(seconds_per_call, 1e-7)), low), high))
 
 
 # ------------------------------------------------------------------ 1. overhead ----
@@ -196,25 +67,6 @@ class Setting:
     system: str
     n: int
     k: int
-
-
-def bare_window(system: optax_pes.UnrolledSystem, n: int, k: int):
-    """One window of the bare unroll: (thetas, inner, key) -> (inner, key, losses)."""
-    vstep = jax.vmap(system.step)
-
-    def window(thetas, inner, key):
-        key, sub = jax.random.split(key)
-        keys = jax.random.split(sub, (k, n))
-
-        def body(carry, ks):
-            state, total = carry
-            state, loss = vstep(thetas, state, ks)
-            return (state, total + loss), None
-
-        (inner, total), _ = jax.lax.scan(body, (inner, jnp.zeros(n)), keys)
-        return inner, key, total
-
-    return window
 
 
 def min_es_window(system: optax_pes.UnrolledSystem, n: int, k: int):
@@ -265,8 +117,7 @@ def overhead(setting: Setting, budget: float, repeats: int) -> dict[str, list[fl
         return pes_update(zeros, state, theta)[1]
 
     # Bare unroll of the same particles: same perturbed thetas, same inner states.
-    normal = jax.random.normal(jax.random.key(1), (n // 2,) + theta.shape)
-    thetas = jnp.concatenate([theta + SIGMA * normal, theta - SIGMA * normal])
+    thetas = perturbed(theta, n, SIGMA)
     bare = jax.jit(bare_window(system, n, k))
     bare_carry = (pes_state.inner_state, jax.random.key(2))
     block(bare(thetas, *bare_carry))  # compile
@@ -464,22 +315,15 @@ def compiled_memory(system_name: str, n: int, k: int, horizon: int) -> dict[str,
     theta = THETA0[system_name]
     tx = optax_pes.pes(system, num_particles=n, sigma=SIGMA, truncation_length=k, key=0)
     state = tx.init(theta)
-    stats = jax.jit(tx.update).lower(jnp.zeros_like(theta), state, theta)
-    stats = stats.compile().memory_analysis()
+    pes = jax.jit(tx.update).lower(jnp.zeros_like(theta), state, theta)
     bare = jax.jit(bare_window(system, n, k)).lower(
         jnp.broadcast_to(theta, (n,) + theta.shape),
         state.inner_state,
         jax.random.key(0),
     )
-    bare_stats = bare.compile().memory_analysis()
     return {
-        "temp": stats.temp_size_in_bytes,
-        "args": stats.argument_size_in_bytes,
-        "out": stats.output_size_in_bytes,
-        "total": stats.temp_size_in_bytes
-        + stats.argument_size_in_bytes
-        + stats.output_size_in_bytes,
-        "bare_temp": bare_stats.temp_size_in_bytes,
+        **memory_of(pes.compile()),
+        "bare_temp": memory_of(bare.compile())["temp"],
     }
 
 
@@ -498,10 +342,6 @@ notes: ratio = PES / bare, median of per-repeat ratios of interleaved samples.
   clocks, reset cond, validity masks, diagnostics) are a visible fraction of it:
   even minES is over 1.15 there. With K=100, or a real inner step ('mlp': an SGD
   step of a 2-layer MLP), the fixed cost is amortised."""
-
-
-def fmt_us(seconds: float) -> str:
-    return f"{seconds * 1e6:9.1f}"
 
 
 def run_device(device: jax.Device, args: argparse.Namespace, table: list[str]) -> None:
@@ -533,18 +373,17 @@ def section_overhead(device, args, settings, table) -> None:
         f"{'ratio':>6} | {'pes/scan':>9} {'bare/scan':>9} {'ratio':>6} | "
         f"{'minES/scan':>10} {'ratio':>6}"
     )
-    print(head)
-    print("-" * len(head))
+    header(head)
     for s in settings:
         t = overhead(s, args.budget, args.repeats)
         rc = paired_ratio(t["pes_call"], t["bare_call"])
         rs = paired_ratio(t["pes_scan"], t["bare_scan"])
         re = paired_ratio(t["min_es_scan"], t["bare_scan"])
-        t = {name: median(v) for name, v in t.items()}
+        t = medians(t)
         print(
-            f"{s.system:6} {s.n:4d} {s.k:4d} | {fmt_us(t['pes_call'])} "
-            f"{fmt_us(t['bare_call'])} {rc:6.3f} | {fmt_us(t['pes_scan'])} "
-            f"{fmt_us(t['bare_scan'])} {rs:6.3f} | {fmt_us(t['min_es_scan']):>10} "
+            f"{s.system:6} {s.n:4d} {s.k:4d} | {us(t['pes_call'])} "
+            f"{us(t['bare_call'])} {rc:6.3f} | {us(t['pes_scan'])} "
+            f"{us(t['bare_scan'])} {rs:6.3f} | {us(t['min_es_scan']):>10} "
             f"{re:6.3f}",
             flush=True,
         )
@@ -566,18 +405,17 @@ def section_evosax(device, args, settings, table) -> None:
         f"{'system':6} {'N':>4} {'K':>4} | {'ours/call':>9} {'evo/call':>9} "
         f"{'evo/api':>9} {'ratio':>6} | {'ours/scan':>9} {'evo/scan':>9} {'ratio':>6}"
     )
-    print(head)
-    print("-" * len(head))
+    header(head)
     for s in settings:
         t = evosax_vs_ours(s, args.budget, args.repeats)
         rc = paired_ratio(t["ours_call"], t["evo_call"])
         rs = paired_ratio(t["ours_scan"], t["evo_scan"])
         ra = paired_ratio(t["ours_call"], t["evo_api"])
-        t = {name: median(v) for name, v in t.items()}
+        t = medians(t)
         print(
-            f"{s.system:6} {s.n:4d} {s.k:4d} | {fmt_us(t['ours_call'])} "
-            f"{fmt_us(t['evo_call'])} {fmt_us(t['evo_api'])} {rc:6.3f} | "
-            f"{fmt_us(t['ours_scan'])} {fmt_us(t['evo_scan'])} {rs:6.3f}",
+            f"{s.system:6} {s.n:4d} {s.k:4d} | {us(t['ours_call'])} "
+            f"{us(t['evo_call'])} {us(t['evo_api'])} {rc:6.3f} | "
+            f"{us(t['ours_scan'])} {us(t['evo_scan'])} {rs:6.3f}",
             flush=True,
         )
         for kind, r in (
@@ -662,7 +500,7 @@ def main() -> None:
         help="K values (default: 10 100; 10 with --quick)",
     )
     parser.add_argument(
-        "--systems", nargs="+", default=["mlp", "infl"], choices=sorted(SYSTEMS)
+        "--systems", nargs="+", default=["mlp", "infl"], choices=SYSTEM_NAMES
     )
     parser.add_argument(
         "--sections",

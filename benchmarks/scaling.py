@@ -33,87 +33,40 @@ and, in section 1, the PES paper's influence-balancing system (n = 23).
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from typing import Any
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import optax_pes  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pes_overhead import (  # noqa: E402  (the same bare unroll and timing)
-    bare_window,
+from _problems import SYSTEMS, THETA0, bare_window, digits_system, perturbed
+from _timing import (
+    Candidate,
+    Interleaved,
     block,
     compare,
+    header,
     median,
+    memory_of,
+    mib,
+    ms,
     paired_ratio,
     sized,
 )
+
+import optax_pes
 
 SIGMA = 0.1
 MESSAGE = "SCALING_JSON "  # prefix of the worker's machine-readable stdout lines
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
-# ------------------------------------------------------------------ systems --------
-
-
-@functools.cache
-def digits_data() -> tuple[jax.Array, jax.Array]:
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = jnp.asarray(digits.data / 16.0, jnp.float32)
-    return x, jnp.asarray(digits.target, jnp.int32)
-
-
-def digits_system(horizon: int, batch: int = 32) -> optax_pes.UnrolledSystem:
-    """SGD (momentum 0.9, `lr_schedule(theta)`) on a 64-32-10 MLP, digits."""
-
-    def make(key):
-        return eqx.nn.MLP(64, 10, 32, 1, activation=jax.nn.relu, key=key)
-
-    def loss(model, x, y):
-        logits = jax.vmap(model)(x)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-    def optimizer(theta):
-        return optax.sgd(optax_pes.tasks.lr_schedule(theta), momentum=0.9)
-
-    return optax_pes.tasks.training_system(
-        make(jax.random.key(0)),
-        loss,
-        optimizer,
-        digits_data(),
-        horizon=horizon,
-        batch_size=batch,
-        model_init=make,
-    )
-
-
-def influence_balancing_system(horizon: int) -> optax_pes.UnrolledSystem:
-    return optax_pes.tasks.influence_balancing(horizon=horizon)
-
-
-SYSTEMS: dict[str, Callable[[int], optax_pes.UnrolledSystem]] = {
-    "digits": digits_system,
-    "infl": influence_balancing_system,
-}
-THETA0 = {
-    "digits": jnp.array([np.log(0.05), np.log(1.0)], jnp.float32),
-    "infl": jnp.array([0.5], jnp.float32),
-}
+SYSTEM_NAMES = ("digits", "infl")  # of _problems.SYSTEMS
 DESCRIPTION = {
     "digits": "digits MLP 64-32-10, SGD momentum + lr_schedule(theta), batch 32",
     "infl": "influence balancing (n=23)",
@@ -132,42 +85,7 @@ def make_pes(system, n: int, k: int, **mesh) -> optax.GradientTransformation:
     )
 
 
-def perturbed(theta: jax.Array, n: int) -> jax.Array:
-    """N antithetic perturbations of theta (what a PES window evaluates)."""
-    normal = jax.random.normal(jax.random.key(1), (n // 2,) + theta.shape)
-    return jnp.concatenate([theta + SIGMA * normal, theta - SIGMA * normal])
-
-
-# ------------------------------------------------------------------ timing ---------
-
-
-class Interleaved:
-    """Candidates `name: (fn, carry, units)` timed in turn, carries threaded.
-
-    `sample(rep)` takes one sample of each (seconds per unit), in an order that rotates
-    with `rep`, so that drifts (frequency scaling, other processes on a shared machine)
-    hit them all alike and ratios of samples from the same repeat are paired.
-    """
-
-    def __init__(self, fns: dict[str, tuple[Callable[[Any], Any], Any, int]]):
-        self.fns = fns
-        self.carries = {name: carry for name, (_, carry, _) in fns.items()}
-
-    def sample(self, rep: int) -> dict[str, float]:
-        names = list(self.fns)
-        shift = rep % len(names)
-        out = {}
-        for name in names[shift:] + names[:shift]:
-            fn, _, units = self.fns[name]
-            carry = block(self.carries[name])
-            start = time.perf_counter()
-            self.carries[name] = block(fn(carry))
-            out[name] = (time.perf_counter() - start) / units
-        return out
-
-
-def ms(seconds: float) -> str:
-    return f"{seconds * 1e3:8.3f}"
+# ------------------------------------------------------------------ machine --------
 
 
 def num_cores() -> int:
@@ -181,7 +99,7 @@ def num_cores() -> int:
 
 def particle_candidates(
     system_name: str, ns: list[int], k: int, horizon: int, budget: float
-) -> dict[str, tuple[Callable[[Any], Any], Any, int]]:
+) -> dict[str, Candidate]:
     """For every N: the jitted PES update and the bare window, one call per sample."""
     system = SYSTEMS[system_name](horizon)
     theta = THETA0[system_name]
@@ -196,7 +114,7 @@ def particle_candidates(
             return update(zeros, state, theta)[1]
 
         # The same particles (inner states) at perturbed thetas, without the estimator.
-        bare, thetas = jax.jit(bare_window(system, n, k)), perturbed(theta, n)
+        bare, thetas = jax.jit(bare_window(system, n, k)), perturbed(theta, n, SIGMA)
 
         def bare_call(carry, bare=bare, thetas=thetas):
             inner, key, _ = bare(thetas, *carry)
@@ -229,8 +147,7 @@ def section_particles(args: argparse.Namespace, table: list[str]) -> None:
             f"{f'PES t/t(N={n0})':>14} {'per-particle':>12} | "
             f"{'bare per-particle':>17}"
         )
-        print(head)
-        print("-" * len(head))
+        header(head)
         for n in ns:
             pes, bare = t[f"pes{n}"], t[f"bare{n}"]
             ratio = paired_ratio(pes, bare)
@@ -274,7 +191,7 @@ def run_updates(tx, theta: jax.Array, num_updates: int):
 
 def device_candidates(
     device_counts: list[int], args: argparse.Namespace
-) -> tuple[dict[str, tuple[Callable[[Any], Any], Any, int]], dict[str, Any]]:
+) -> tuple[dict[str, Candidate], dict[str, Any]]:
     """The PES update without a mesh ("none") and over meshes of the first D devices
     ("meshD"), each checked against "none"; timed candidates and the checks."""
     system = digits_system(args.horizon)
@@ -471,8 +388,7 @@ def section_devices(args: argparse.Namespace, table: list[str]) -> None:
         f"{'D':>3} | {'mesh':>8} {f'vs D={d0}':>8} {'speed-up':>8} | "
         f"{'mesh=None':>9} {'mesh/None':>9} | sharded estimate == mesh=None"
     )
-    print(head)
-    print("-" * len(head))
+    header(head)
     for d in devices:
         mesh, none = samples[f"mesh{d}"], samples[f"none{d}"]
         vs_first = paired_ratio(mesh, samples[f"mesh{d0}"])
@@ -520,17 +436,6 @@ def section_devices(args: argparse.Namespace, table: list[str]) -> None:
 # ------------------------------------------------------------------ 3. memory ------
 
 
-def memory_of(compiled) -> dict[str, int]:
-    stats = compiled.memory_analysis()
-    out = {
-        "temp": stats.temp_size_in_bytes,
-        "args": stats.argument_size_in_bytes,
-        "out": stats.output_size_in_bytes,
-    }
-    out["total"] = out["temp"] + out["args"] + out["out"]
-    return out
-
-
 def pes_memory(n: int, k: int, horizon: int) -> dict[str, int]:
     system = digits_system(horizon)
     theta = THETA0["digits"]
@@ -547,10 +452,6 @@ def bptt_memory(horizon: int) -> dict[str, int]:
         return jnp.sum(optax_pes.unroll(system, theta, jax.random.key(0)))
 
     return memory_of(jax.jit(jax.grad(episode_loss)).lower(THETA0["digits"]).compile())
-
-
-def mb(size: int) -> str:
-    return f"{size / 2**20:9.2f}"
 
 
 def section_memory(args: argparse.Namespace, table: list[str]) -> None:
@@ -574,12 +475,11 @@ def section_memory(args: argparse.Namespace, table: list[str]) -> None:
         f"{f'PES K={k} total':>15} {'temp':>9}" for k in ks
     )
     head += f" | {'BPTT total':>10} {'temp':>9} {'KiB/step':>8}"
-    print(head)
-    print("-" * len(head))
+    header(head)
     for t in sorted(set(horizons) | set(bptt)):
         row = f"{t:7d} | "
         row += " | ".join(
-            f"{mb(pes[k, t]['total']):>15} {mb(pes[k, t]['temp'])}"
+            f"{mib(pes[k, t]['total']):>15} {mib(pes[k, t]['temp'])}"
             if (k, t) in pes
             else f"{'-':>15} {'-':>9}"
             for k in ks
@@ -587,7 +487,7 @@ def section_memory(args: argparse.Namespace, table: list[str]) -> None:
         if t in bptt:
             b = bptt[t]
             row += (
-                f" | {mb(b['total']):>10} {mb(b['temp'])} {b['temp'] / t / 1024:8.1f}"
+                f" | {mib(b['total']):>10} {mib(b['temp'])} {b['temp'] / t / 1024:8.1f}"
             )
         else:
             row += f" | {'-':>10} {'-':>9} {'-':>8}"
@@ -642,7 +542,7 @@ def parse_args() -> argparse.Namespace:
         "--systems",
         nargs="+",
         default=None,
-        choices=sorted(SYSTEMS),
+        choices=SYSTEM_NAMES,
         help="section 1's systems (default: digits infl; digits with --quick)",
     )
     parser.add_argument(

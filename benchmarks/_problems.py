@@ -1,0 +1,267 @@
+"""The problems the benchmark scripts measure on.
+
+- Unrolled systems for PES (`pes_overhead.py`, `scaling.py`): `SYSTEMS[name](horizon)`
+  and `THETA0[name]`, with `bare_window` (the vmapped K-step unroll a PES window
+  wraps, without the estimator) and `perturbed` (the thetas it evaluates).
+- The DEQ layer `tanh(W z + U x + b)` of `deq_backward.py`.
+- The l2-regularised logistic regression on breast-cancer of `bilevel.py`
+  (`logistic_regression()`, float64: enable x64 before calling it).
+
+Imported as `import _problems` by the scripts next to it. Data sets are loaded on
+first use, not on import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import optax_pes
+
+# ------------------------------------------------------------------ PES systems ----
+
+
+def mlp_system(
+    horizon: int, in_dim: int = 8, hidden: int = 64, batch: int = 64
+) -> optax_pes.UnrolledSystem:
+    """Inner problem: SGD on a 2-layer tanh MLP, synthetic regression, theta = log lr.
+
+    Each step draws a fresh batch from its key (so antithetic pairs share batches),
+    takes one SGD step at learning rate exp(theta[0]) and returns the batch's loss.
+    """
+    rng = np.random.default_rng(1234)
+    t1 = jnp.asarray(rng.normal(size=(in_dim, 16)) / np.sqrt(in_dim), jnp.float32)
+    t2 = jnp.asarray(rng.normal(size=(16, 1)) / 4.0, jnp.float32)
+
+    def init(theta, key):
+        k1, k2 = jax.random.split(key)
+        return {
+            "w1": jax.random.normal(k1, (in_dim, hidden)) / np.sqrt(in_dim),
+            "b1": jnp.zeros((hidden,)),
+            "w2": jax.random.normal(k2, (hidden, 1)) / np.sqrt(hidden),
+            "b2": jnp.zeros((1,)),
+        }
+
+    def mse(params, x, y):
+        h = jnp.tanh(x @ params["w1"] + params["b1"])
+        return jnp.mean((h @ params["w2"] + params["b2"] - y) ** 2)
+
+    def step(theta, params, key):
+        kx, kn = jax.random.split(key)
+        x = jax.random.normal(kx, (batch, in_dim))
+        y = jnp.sin(x @ t1) @ t2 + 0.1 * jax.random.normal(kn, (batch, 1))
+        loss, grads = jax.value_and_grad(mse)(params, x, y)
+        lr = jnp.exp(jnp.reshape(theta, ()))
+        params = jax.tree.map(lambda p, g: p - lr * g, params, grads)
+        return params, loss
+
+    return optax_pes.UnrolledSystem(init=init, step=step, horizon=horizon)
+
+
+@functools.cache
+def digits_data() -> tuple[jax.Array, jax.Array]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = jnp.asarray(digits.data / 16.0, jnp.float32)
+    return x, jnp.asarray(digits.target, jnp.int32)
+
+
+def digits_system(horizon: int, batch: int = 32) -> optax_pes.UnrolledSystem:
+    """SGD (momentum 0.9, `lr_schedule(theta)`) on a 64-32-10 MLP, digits."""
+
+    def make(key):
+        return eqx.nn.MLP(64, 10, 32, 1, activation=jax.nn.relu, key=key)
+
+    def loss(model, x, y):
+        logits = jax.vmap(model)(x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    def optimizer(theta):
+        return optax.sgd(optax_pes.tasks.lr_schedule(theta), momentum=0.9)
+
+    return optax_pes.tasks.training_system(
+        make(jax.random.key(0)),
+        loss,
+        optimizer,
+        digits_data(),
+        horizon=horizon,
+        batch_size=batch,
+        model_init=make,
+    )
+
+
+def influence_balancing_system(horizon: int) -> optax_pes.UnrolledSystem:
+    """The PES paper's influence-balancing system (n = 23)."""
+    return optax_pes.tasks.influence_balancing(horizon=horizon)
+
+
+SYSTEMS: dict[str, Callable[[int], optax_pes.UnrolledSystem]] = {
+    "mlp": mlp_system,
+    "digits": digits_system,
+    "infl": influence_balancing_system,
+}
+THETA0 = {
+    "mlp": jnp.array([np.log(0.05)], jnp.float32),
+    "digits": jnp.array([np.log(0.05), np.log(1.0)], jnp.float32),
+    "infl": jnp.array([0.5], jnp.float32),
+}
+
+
+def bare_window(system: optax_pes.UnrolledSystem, n: int, k: int):
+    """One window of the bare unroll: (thetas, inner, key) -> (inner, key, losses)."""
+    vstep = jax.vmap(system.step)
+
+    def window(thetas, inner, key):
+        key, sub = jax.random.split(key)
+        keys = jax.random.split(sub, (k, n))
+
+        def body(carry, ks):
+            state, total = carry
+            state, loss = vstep(thetas, state, ks)
+            return (state, total + loss), None
+
+        (inner, total), _ = jax.lax.scan(body, (inner, jnp.zeros(n)), keys)
+        return inner, key, total
+
+    return window
+
+
+def perturbed(theta: jax.Array, n: int, sigma: float) -> jax.Array:
+    """N antithetic perturbations of theta (what a PES window evaluates)."""
+    normal = jax.random.normal(jax.random.key(1), (n // 2,) + theta.shape)
+    return jnp.concatenate([theta + sigma * normal, theta - sigma * normal])
+
+
+# ------------------------------------------------------------------ DEQ layer ------
+
+
+class Layer(eqx.Module):
+    """f(z, x) = tanh(W z + U x + b)."""
+
+    w: jax.Array
+    u: jax.Array
+    b: jax.Array
+
+    def __call__(self, z, x):
+        return jnp.tanh(self.w @ z + self.u @ x + self.b)
+
+
+def make_layer(d: int, rho: float, key) -> Layer:
+    """A random layer with ||W||_2 = rho."""
+    kw, ku, kb = jax.random.split(key, 3)
+    w = jax.random.normal(kw, (d, d)) / np.sqrt(d)
+    w = rho * w / jnp.linalg.norm(w, ord=2)
+    u = jax.random.normal(ku, (d, d)) / np.sqrt(d)
+    b = 0.1 * jax.random.normal(kb, (d,))
+    return Layer(w, u, b)
+
+
+# ------------------------------------------------------------------ bi-level -------
+
+
+@dataclasses.dataclass(frozen=True)
+class LogisticRegression:
+    """l2-regularised logistic regression, lambda = log of the l2 weights.
+
+    inner loss `mean log-loss(train) + 0.5 sum(exp(lam) w^2)`, outer loss
+    `mean log-loss(held out)`; `lam` scalar or one per feature.
+    """
+
+    x_train: jax.Array
+    y_train: jax.Array
+    x_val: jax.Array
+    y_val: jax.Array
+    inner_loss: Callable[[jax.Array, jax.Array], jax.Array]
+    outer_loss: Callable[[jax.Array, jax.Array], jax.Array]
+    newton_solution: Callable[[jax.Array], jax.Array]  # w*(lam), jitted
+    held_out: Callable[[jax.Array], jax.Array]  # outer loss at w*(lam), jitted
+    exact_hypergradient: Callable[[jax.Array], jax.Array]  # dense, jitted
+
+    @property
+    def dim(self) -> int:
+        return self.x_train.shape[1]
+
+    def grid_minimum(self) -> tuple[float, float]:
+        """(held-out loss, lambda) minimising over 241 scalar lambdas on [-10, 2]."""
+        lams = jnp.linspace(-10.0, 2.0, 241)
+        losses = jax.vmap(self.held_out)(lams)
+        i = int(jnp.argmin(losses))
+        return float(losses[i]), float(lams[i])
+
+
+def breast_cancer_split():
+    """Half for training, half held out (shuffled with seed 0, standardised with the
+    training half's statistics), as in `tests/test_bilevel.py`."""
+    from sklearn.datasets import load_breast_cancer
+
+    x, y = load_breast_cancer(return_X_y=True)
+    order = np.random.RandomState(0).permutation(len(y))
+    x, y = x[order], y[order].astype(np.float64)
+    n = len(y) // 2
+    x = (x - x[:n].mean(0)) / x[:n].std(0)
+    return (jnp.asarray(x[:n]), jnp.asarray(y[:n])), (
+        jnp.asarray(x[n:]),
+        jnp.asarray(y[n:]),
+    )
+
+
+@functools.cache
+def logistic_regression() -> LogisticRegression:
+    """The bi-level problem on breast-cancer (30 weights), in float64."""
+    if not jax.config.jax_enable_x64:
+        raise RuntimeError("logistic_regression() is float64: enable jax_enable_x64")
+    (x_train, y_train), (x_val, y_val) = breast_cancer_split()
+    dim = x_train.shape[1]
+
+    def log_loss(w, x, y):
+        z = x @ w
+        return jnp.mean(jnp.logaddexp(0.0, z) - y * z)
+
+    def inner_loss(w, lam):
+        return log_loss(w, x_train, y_train) + 0.5 * jnp.sum(jnp.exp(lam) * w**2)
+
+    def outer_loss(w, lam):
+        return log_loss(w, x_val, y_val)
+
+    @jax.jit
+    def newton_solution(lam):
+        """w*(lam) by 30 Newton steps from 0 (no line search)."""
+
+        def step(w, _):
+            hess = jax.hessian(inner_loss)(w, lam)
+            return w - jnp.linalg.solve(hess, jax.grad(inner_loss)(w, lam)), None
+
+        return jax.lax.scan(step, jnp.zeros(dim), None, length=30)[0]
+
+    @jax.jit
+    def held_out(lam):
+        return outer_loss(newton_solution(lam), lam)
+
+    @jax.jit
+    def exact_hypergradient(lam):
+        """Dense reference: grad_h g - (d_h grad_w f)^T H^-1 grad_w g at w*."""
+        w = newton_solution(lam)
+        hess = jax.hessian(inner_loss)(w, lam)
+        v = jnp.linalg.solve(hess, jax.grad(outer_loss)(w, lam))
+        mixed = jax.jacobian(lambda h: jax.grad(inner_loss)(w, h))(lam)
+        return jax.grad(outer_loss, argnums=1)(w, lam) - jnp.tensordot(v, mixed, axes=1)
+
+    return LogisticRegression(
+        x_train,
+        y_train,
+        x_val,
+        y_val,
+        inner_loss,
+        outer_loss,
+        newton_solution,
+        held_out,
+        exact_hypergradient,
+    )

@@ -3,7 +3,9 @@
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import lineax as lx
 import numpy as np
+import optax
 import pytest
 
 import optax_pes
@@ -182,6 +184,39 @@ def test_broyden_memory_is_fixed_size():
     assert int(info.steps) > 3  # the buffers wrapped around
 
 
+@pytest.mark.parametrize(
+    "solver",
+    [
+        optax_pes.Broyden(memory=3),
+        optax_pes.Anderson(memory=3),
+        optax_pes.FixedPoint(damping=0.7),
+    ],
+    ids=lambda s: type(s).__name__,
+)
+def test_step_leaves_inactive_samples_unchanged(solver):
+    """AbstractSolver.step's contract: where `active` is False the state comes back
+    unchanged, sample by sample under vmap (a finished sample stays finished)."""
+    layer, x, _ = _problem(0)
+    fn, z0, _ = flat_layer(layer, x, jnp.zeros(8))
+    state = solver.step(fn, solver.init(fn, z0), jnp.asarray(True))
+    frozen = solver.step(fn, state, jnp.asarray(False))
+    for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(state), strict=True):
+        np.testing.assert_array_equal(a, b)
+    moved = solver.step(fn, state, jnp.asarray(True))
+    pair = jax.tree.map(lambda a: jnp.stack([a, a]), state)
+    stepped = jax.vmap(lambda s, a: solver.step(fn, s, a))(
+        pair, jnp.array([True, False])
+    )
+    for new, one, old in zip(
+        jax.tree.leaves(stepped),
+        jax.tree.leaves(moved),
+        jax.tree.leaves(state),
+        strict=True,
+    ):
+        np.testing.assert_allclose(new[0], one, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(new[1], old)
+
+
 class Scaled(eqx.Module):
     """z <- s z + x with a per-sample contraction s = x[0] (J = s I)."""
 
@@ -309,6 +344,47 @@ def test_diverging_fixed_point_iteration_returns_its_best_iterate():
     assert not bool(info.converged)
     assert np.all(np.isfinite(z)) and np.isfinite(info.residual)
     assert int(info.steps) < 100  # stopped on divergence, not max_steps
+
+
+SOLVERS_AND_ADJOINTS = [
+    optax_pes.Broyden(),
+    optax_pes.Anderson(),
+    optax_pes.FixedPoint(),
+    *ADJOINTS,
+    optax_pes.Shine(refine_steps=2, refine_solver="gmres"),
+    optax_pes.Implicit(linear_solver="fixed_point"),
+    optax_pes.Implicit(linear_solver=lx.GMRES(rtol=1e-6, atol=1e-6)),
+]
+
+
+@pytest.mark.parametrize("obj", SOLVERS_AND_ADJOINTS, ids=lambda a: type(a).__name__)
+def test_solvers_and_adjoints_hold_no_non_array_leaves(obj):
+    # Plain jax transforms, optax's init and eqx.filter see only arrays (here none).
+    assert jax.tree.leaves(obj) == []
+
+
+@pytest.mark.parametrize(
+    "linear_solver", ["gmres", "fixed_point", lx.GMRES(rtol=1e-6, atol=1e-6)]
+)
+def test_plain_jax_transforms_over_a_deq_with_implicit(linear_solver):
+    layer, x, cotangent = _problem(0)
+    deq = optax_pes.DEQ(layer, adjoint=optax_pes.Implicit(linear_solver=linear_solver))
+    z0 = jnp.zeros(8)
+
+    def loss(deq):
+        return jnp.vdot(cotangent, deq(x, z0))
+
+    np.testing.assert_allclose(jax.jit(loss)(deq), loss(deq), rtol=1e-5)
+    grads = jax.grad(loss)(deq)
+    expected = eqx.filter_grad(loss)(deq)
+    np.testing.assert_allclose(_flat(grads), _flat(expected), rtol=1e-5)
+    optax.adam(1e-3).init(deq)
+    optax.adam(1e-3).init(eqx.filter(deq, eqx.is_array))
+
+
+def test_implicit_needs_a_hashable_lineax_solver():
+    with pytest.raises(TypeError, match="linear_solver must be hashable"):
+        optax_pes.Implicit(linear_solver=lx.GMRES(rtol=jnp.asarray(1e-6), atol=1e-6))
 
 
 # ------------------------------------------------------------------ bad input -----

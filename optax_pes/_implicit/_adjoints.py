@@ -200,6 +200,25 @@ class Shine(_AbstractCotangentAdjoint):
         return jax.lax.fori_loop(0, self.refine_steps, lambda _, w: grad + vjp(w)[0], w)
 
 
+def _check_linear_solver(value: Any) -> Any:
+    """`Implicit.linear_solver`, checked before Equinox stores it as a static field."""
+    if not isinstance(value, lx.AbstractLinearSolver):
+        if not (isinstance(value, str) and value in ("gmres", "fixed_point")):
+            raise ValueError(
+                "linear_solver must be 'gmres', 'fixed_point' or a "
+                f"lineax.AbstractLinearSolver, got {value!r}"
+            )
+        return value
+    try:
+        hash(value)
+    except TypeError as e:
+        raise TypeError(
+            "linear_solver must be hashable (it is a static field): a lineax solver "
+            f"whose settings are Python numbers, not arrays, got {value!r}"
+        ) from e
+    return value
+
+
 class Implicit(_AbstractCotangentAdjoint):
     r"""The exact implicit gradient: solve $(I - J_f^\top) w = \bar z$ to tolerance.
 
@@ -210,12 +229,17 @@ class Implicit(_AbstractCotangentAdjoint):
     fails (non-finite $w$) falls back to $w = \bar z$, so gradients stay finite.
 
     **Arguments:** `max_steps` (Krylov or fixed-point steps, i.e. VJPs of $f$) and
-    `tol` of the linear solve; `linear_solver`.
+    `tol` of the linear solve; `linear_solver` (a lineax solver is a static field:
+    it must be hashable, its settings Python numbers rather than arrays).
     """
 
     max_steps: int = eqx.field(static=True, default=100)
     tol: float = eqx.field(static=True, default=1e-6)
-    linear_solver: Literal["gmres", "fixed_point"] | lx.AbstractLinearSolver = "gmres"
+    # Static, like every other setting: a DEQ's pytree leaves are its arrays only,
+    # so plain `jax.jit` / `jax.grad` and `optax`'s `init` take the module as is.
+    linear_solver: Literal["gmres", "fixed_point"] | lx.AbstractLinearSolver = (
+        eqx.field(static=True, default="gmres", converter=_check_linear_solver)
+    )
     needs_inverse = False
 
     def __check_init__(self):
@@ -229,18 +253,10 @@ class Implicit(_AbstractCotangentAdjoint):
             )
         if not isinstance(self.tol, (int, float)) or not self.tol > 0:
             raise ValueError(f"tol must be a positive float, got {self.tol!r}")
-        if not (
-            self.linear_solver in ("gmres", "fixed_point")
-            or isinstance(self.linear_solver, lx.AbstractLinearSolver)
-        ):
-            raise ValueError(
-                "linear_solver must be 'gmres', 'fixed_point' or a "
-                f"lineax.AbstractLinearSolver, got {self.linear_solver!r}"
-            )
 
     def cotangent(self, layer, z_star, inverse, grad):
         _, vjp = jax.vjp(layer, z_star)
-        if self.linear_solver == "fixed_point":
+        if isinstance(self.linear_solver, str) and self.linear_solver == "fixed_point":
 
             def cond(c):
                 i, w, delta = c

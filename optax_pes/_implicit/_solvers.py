@@ -258,7 +258,7 @@ class Broyden(AbstractSolver):
             _keep(active, inv_g, state.inv_g),
             state.u.at[slot].set(_keep(write, u, state.u[slot])),
             state.v.at[slot].set(_keep(write, v, state.v[slot])),
-            state.index + 1,
+            state.index + active.astype(jnp.int32),
         )
 
     def inverse(self, state):
@@ -324,13 +324,14 @@ class Anderson(AbstractSolver):
         alpha = jnp.where(jnp.all(jnp.isfinite(alpha)), alpha, used / jnp.sum(used))
         z = self.damping * (alpha @ state.fs) + (1 - self.damping) * (alpha @ state.xs)
         f = fn(z)
+        # A finished sample writes its history row back unchanged.
         slot = state.count % m
         return _AndersonState(
-            z,
-            f - z,
-            state.xs.at[slot].set(z),
-            state.fs.at[slot].set(f),
-            state.count + 1,
+            _keep(active, z, state.z),
+            _keep(active, f - z, state.g),
+            state.xs.at[slot].set(_keep(active, z, state.xs[slot])),
+            state.fs.at[slot].set(_keep(active, f, state.fs[slot])),
+            state.count + active.astype(jnp.int32),
         )
 
 

@@ -41,8 +41,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -54,14 +52,14 @@ import jax.numpy as jnp
 import lineax as lx
 import numpy as np
 import optimistix as optx
-from jax.flatten_util import ravel_pytree
+from _problems import Layer, make_layer
+from _timing import block, compare, cosine, medians, ms, of_thunks
+
+import optax_pes
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     import jaxopt
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import optax_pes  # noqa: E402
 
 warnings.filterwarnings("ignore", category=DeprecationWarning, module="jaxopt")
 
@@ -87,57 +85,12 @@ Notes:
 """
 
 
-# -------------------------------------------------------------------- layer ------
-
-
-class Layer(eqx.Module):
-    """f(z, x) = tanh(W z + U x + b)."""
-
-    w: jax.Array
-    u: jax.Array
-    b: jax.Array
-
-    def __call__(self, z, x):
-        return jnp.tanh(self.w @ z + self.u @ x + self.b)
-
-
-def make_layer(d: int, rho: float, key) -> Layer:
-    kw, ku, kb = jax.random.split(key, 3)
-    w = jax.random.normal(kw, (d, d)) / np.sqrt(d)
-    w = rho * w / jnp.linalg.norm(w, ord=2)
-    u = jax.random.normal(ku, (d, d)) / np.sqrt(d)
-    b = 0.1 * jax.random.normal(kb, (d,))
-    return Layer(w, u, b)
-
-
 # ------------------------------------------------------------------- timing ------
 
 
-def block(tree: Any) -> Any:
-    return jax.block_until_ready(tree)
-
-
 def interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    """Median seconds per call of each (compiled, warmed-up) thunk, round-robin."""
-    for fn in fns.values():
-        block(fn())
-        block(fn())
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            block(fn())
-            samples[name].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in samples.items()}
-
-
-def cosine(a, b) -> float:
-    a, b = ravel_pytree(a)[0], ravel_pytree(b)[0]
-    return float(jnp.vdot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b)))
-
-
-def ms(seconds: float) -> str:
-    return f"{1e3 * seconds:9.3f} ms"
+    """Median seconds per call of each (compiled) thunk, warmed up, round-robin."""
+    return medians(compare(of_thunks(fns), repeats, rotate=False))
 
 
 # ----------------------------------------------------------------- backward ------
@@ -453,13 +406,12 @@ def run_layer(args, rho: float) -> str:
     t0 = time.perf_counter()
     times, cos, fwd_time = backward_section(args, layer, xs, z0, zs_exact, cotangent)
     print(f"\n== Backward: pullback only, median of {args.repeats} interleaved calls")
-    print(
-        f"   (the DEQ forward, with jax.vjp, takes {ms(fwd_time['Shine'])} for Shine)"
-    )
+    forward = ms(fwd_time["Shine"], "9.3f", unit=True)
+    print(f"   (the DEQ forward, with jax.vjp, takes {forward} for Shine)")
     print(f"{'':24} {'time':>12} {'/ Shine':>9} {'cos(exact)':>12}")
     shine = times["Shine"]
     for k, t in times.items():
-        print(f"{k:24} {ms(t)} {t / shine:9.2f} {cos[k]:12.7f}")
+        print(f"{k:24} {ms(t, '9.3f', unit=True)} {t / shine:9.2f} {cos[k]:12.7f}")
     print(f"(backward section: {time.perf_counter() - t0:.0f} s)")
 
     rows, ftimes = {}, {}
@@ -477,7 +429,7 @@ def run_layer(args, rho: float) -> str:
         for k, r in rows.items():
             print(
                 f"{k:30} {r['steps']:10.1f} {r['max_steps']:4d} {r['evals']:8.1f} "
-                f"{r['ok']:6.0%} {r['res']:8.2f} {ms(ftimes[k])}"
+                f"{r['ok']:6.0%} {r['res']:8.2f} {ms(ftimes[k], '9.3f', unit=True)}"
             )
         print(f"(forward section: {time.perf_counter() - t0:.0f} s)")
 
@@ -521,7 +473,7 @@ def summary(args, rho, times, cos, rows, ftimes) -> str:
         r0 = rows[ours]
         out.append(
             f"| forward {ours}: mean steps, time | {r0['steps']:.1f}, "
-            f"{1e3 * ftimes[ours]:.2f} ms | |"
+            f"{ms(ftimes[ours], '.2f', unit=True)} | |"
         )
         for k, r in rows.items():
             if k != ours:

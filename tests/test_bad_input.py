@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hypothesis import given, settings, strategies as st
 
 import optax_pes
 
@@ -124,17 +125,114 @@ def test_theta_mismatch(make):
         tx.update(jnp.zeros(2), state)
 
 
-def test_traced_sigma_checked_at_update():
+def _inject_pes(sigma=0.1):
     inject = optax.inject_hyperparams(
         optax_pes.pes,
         static_args=("system", "key", "num_particles", "truncation_length", "stagger"),
     )
-    tx = inject(system=_system(), **_kwargs())
-    theta = jnp.zeros(2)
+    return inject(system=_system(), **_kwargs(sigma=sigma))
+
+
+@pytest.mark.parametrize("sigma", [0.0, -1.0, float("nan"), float("inf")])
+def test_traced_bad_sigma_skips_the_window_and_counts_it(sigma):
+    # Under jit a traced sigma cannot raise a readable error: the window's estimate
+    # is left out (zero), every particle is counted and restarts.
+    tx = _inject_pes()
+    theta = jnp.array([0.3, -0.2])
     state = tx.init(theta)
-    state.hyperparams["sigma"] = jnp.asarray(-1.0)
-    with pytest.raises(Exception, match="sigma must be positive"):
-        jax.block_until_ready(jax.jit(tx.update)(theta, state, theta))
+    state.hyperparams["sigma"] = jnp.asarray(sigma)
+    update = jax.jit(tx.update)
+    estimate, state = update(jnp.zeros(2), state, theta)
+    np.testing.assert_array_equal(estimate, np.zeros(2))
+    assert int(state.inner_state.diagnostics.num_nonfinite) == 4
+    for leaf in jax.tree.leaves(state.inner_state.noise):
+        assert np.all(np.isfinite(leaf))
+    state.hyperparams["sigma"] = jnp.asarray(0.1)  # the state is still usable
+    estimate, state = update(jnp.zeros(2), state, theta)
+    assert np.all(np.isfinite(estimate)) and np.any(estimate != 0)
+    assert int(state.inner_state.diagnostics.num_nonfinite) == 0
+
+
+@pytest.mark.parametrize("make", ES + [optax_pes.full_es])
+@pytest.mark.parametrize("sigma", [0.0, -0.5, float("nan"), float("inf")])
+def test_bad_sigma_as_an_array_is_refused_by_the_factory(make, sigma):
+    kwargs = _kwargs(sigma=jnp.asarray(sigma))
+    if make is optax_pes.full_es:
+        del kwargs["truncation_length"]
+    with pytest.raises(ValueError, match="sigma must be a positive"):
+        make(_system(), **kwargs)
+    with pytest.raises(ValueError, match="sigma must be a positive"):
+        make(_system(), **(kwargs | dict(sigma=np.float32(sigma))))
+
+
+def test_schedule_reaching_zero_never_gives_a_nonfinite_update():
+    tx = optax.chain(
+        optax.inject_hyperparams(
+            optax_pes.pes,
+            static_args=("system", "key", "num_particles", "truncation_length"),
+        )(
+            system=_system(),
+            **_kwargs(sigma=optax.linear_schedule(0.1, 0.0, 3)),
+        ),
+        optax.sgd(0.1),
+    )
+    theta = jnp.array([0.3, -0.2])
+    state = tx.init(theta)
+    update = jax.jit(tx.update)
+    for _ in range(6):
+        updates, state = update(jnp.zeros(2), state, theta)
+        theta = optax.apply_updates(theta, updates)
+        assert np.all(np.isfinite(theta))
+    # Eagerly, the factory sees the schedule's concrete 0 and says so.
+    with pytest.raises(ValueError, match="sigma must be a positive"):
+        for _ in range(6):
+            updates, state = tx.update(jnp.zeros(2), state, theta)
+
+
+def _huge_loss_system():
+    """Finite losses near float32's largest value: their weighted sum overflows."""
+
+    def init(theta, key):
+        return jnp.zeros(())
+
+    def step(theta, s, key):
+        return s, 1e37 * (1.0 + jnp.sum(theta))
+
+    return optax_pes.UnrolledSystem(init, step, 4)
+
+
+@pytest.mark.parametrize("make", ES)
+def test_overflowing_estimate_is_excluded_and_counted(make):
+    tx = make(_huge_loss_system(), **_kwargs(num_particles=8, sigma=0.5))
+    theta = jnp.array([0.5, 0.5])
+    estimate, state = jax.jit(tx.update)(jnp.zeros(2), tx.init(theta), theta)
+    assert np.all(np.isfinite(estimate))
+    assert int(state.diagnostics.num_nonfinite) > 0
+    for leaf in jax.tree.leaves(state.noise):
+        assert np.all(np.isfinite(leaf))
+
+
+@pytest.mark.parametrize("make", ES + [optax_pes.tbptt])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_params_are_refused_eagerly_and_counted_under_jit(make, bad):
+    kwargs = _kwargs()
+    if make is optax_pes.tbptt:
+        kwargs = dict(truncation_length=2, key=0, num_particles=4)
+    tx = make(_system(), **kwargs)
+    theta = jnp.array([0.0, bad])
+    state = tx.init(jnp.zeros(2))
+    with pytest.raises(ValueError, match="params must be finite"):
+        tx.update(jnp.zeros(2), state, theta)
+    estimate, state = jax.jit(tx.update)(jnp.zeros(2), state, theta)
+    assert np.all(np.isfinite(estimate))
+    assert int(state.diagnostics.num_nonfinite) == 4
+
+
+def test_inject_hyperparams_without_static_args_names_them():
+    tx = optax.inject_hyperparams(optax_pes.pes)(system=_system(), **_kwargs())
+    with pytest.raises(TypeError, match="static_args") as info:
+        tx.init(jnp.zeros(2))
+    assert "truncation_length" in str(info.value)
 
 
 def _exploding_system():
@@ -184,3 +282,81 @@ def test_nonfinite_never_reaches_params():
         updates, state = jax.jit(tx.update)(jnp.zeros(2), state, theta)
         theta = optax.apply_updates(theta, updates)
         assert np.all(np.isfinite(theta))
+
+
+def _adversarial_system(horizon, rate, bad_value):
+    """Emits `bad_value` as the loss at random steps and particles (the draw uses
+    the step's key, which an antithetic pair shares), counting its emissions."""
+
+    def init(theta, key):
+        return jnp.zeros(2), jnp.zeros((), jnp.int32)
+
+    def step(theta, state, key):
+        s, emitted = state
+        s = 0.5 * s + theta
+        bad = jax.random.uniform(key) < rate
+        loss = jnp.where(bad, bad_value, jnp.sum(s**2))
+        return (s, emitted + bad.astype(jnp.int32)), loss
+
+    return optax_pes.UnrolledSystem(init, step, horizon)
+
+
+def _check_adversarial_losses(
+    name, windows, truncation_length, sync, rate, bad_value, stagger
+):
+    horizon = windows * truncation_length + (0 if sync else 1)
+    system = _adversarial_system(horizon, rate, bad_value)
+    kwargs = dict(num_particles=8, sigma=0.3, truncation_length=truncation_length)
+    kwargs.update(key=windows, stagger=stagger)
+    if name == "full_es":
+        del kwargs["truncation_length"], kwargs["stagger"]
+    if name == "tbptt":
+        del kwargs["sigma"]
+    tx = getattr(optax_pes, name)(system, **kwargs)
+    theta = jnp.array([0.3, -0.2])
+    update = jax.jit(tx.update)
+    state = tx.init(theta)
+    for _ in range(4):
+        before = state
+        estimate, state = update(jnp.zeros(2), state, theta)
+        assert np.all(np.isfinite(estimate))
+        count = int(state.diagnostics.num_nonfinite)
+        assert 0 <= count <= 8
+        k = horizon if name == "full_es" else truncation_length
+        if name == "truncated_es" or horizon % k or not np.isinf(abs(bad_value)):
+            # Truncated ES keeps only its centres' states, a mid-window reset loses
+            # the emissions before it, and a huge finite loss is dropped only when
+            # its contribution overflows: the update is finite, the count bounded.
+            continue
+        # Exactly the particles that emitted a non-finite loss are counted.
+        needs_init = np.asarray(before.needs_init)
+        emitted = np.asarray(state.inner_state[1])
+        started = np.tile(needs_init, emitted.size // needs_init.size)
+        previous = np.where(started, 0, np.asarray(before.inner_state[1]))
+        assert count == int(np.sum(emitted > previous))
+    for leaf in jax.tree.leaves(state.noise):
+        assert np.all(np.isfinite(leaf))
+
+
+ADVERSARIAL = given(
+    name=st.sampled_from(["pes", "nres", "truncated_es", "full_es", "tbptt"]),
+    windows=st.integers(1, 3),
+    truncation_length=st.integers(1, 4),
+    sync=st.booleans(),
+    rate=st.sampled_from([0.05, 0.3, 1.0]),
+    bad_value=st.sampled_from([float("nan"), float("inf"), -float("inf"), 3e38]),
+    stagger=st.booleans(),
+)
+
+
+@settings(max_examples=10, deadline=None, derandomize=True)
+@ADVERSARIAL
+def test_adversarial_losses_never_reach_the_update(**kwargs):
+    _check_adversarial_losses(**kwargs)
+
+
+@pytest.mark.slow
+@settings(max_examples=80, deadline=None, derandomize=True)
+@ADVERSARIAL
+def test_adversarial_losses_never_reach_the_update_many(**kwargs):
+    _check_adversarial_losses(**kwargs)

@@ -98,6 +98,25 @@ def stagger_offsets(
     return (groups * horizon // num_groups).astype(np.int32)
 
 
+def _check_not_injected(name: str, structural: dict[str, Any]) -> None:
+    """Structural arguments given as numeric jax arrays: the mark of
+    `optax.inject_hyperparams` without `static_args`."""
+    arrays = [
+        k
+        for k, v in structural.items()
+        if isinstance(v, jax.Array)
+        and not jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key)
+        and not (k == "key" and v.shape == (2,))
+    ]
+    if arrays:
+        names = tuple(structural)
+        raise TypeError(
+            f"{name}: {', '.join(arrays)} must be Python values, got jax arrays; "
+            "under optax.inject_hyperparams pass the structural arguments as "
+            f"static_args={names} (only sigma may be a hyperparameter)"
+        )
+
+
 def configure(
     name: str,
     system: Any,
@@ -115,6 +134,17 @@ def configure(
     """Validate a factory's arguments (each error names its argument) and derive
     the group layout. `sigma=None` means no perturbation (TBPTT); `centre` adds an
     unperturbed member to every group (truncated ES)."""
+    structural = dict(
+        system=system,
+        num_particles=num_particles,
+        truncation_length=truncation_length,
+        key=key,
+        stagger=stagger,
+        antithetic=antithetic,
+        mesh=mesh,
+        mesh_axes=mesh_axes,
+    )
+    _check_not_injected(name, structural)
     system = check_system(system)
     horizon = system.horizon
     truncation_length = check_int(truncation_length, "truncation_length", 1, horizon)

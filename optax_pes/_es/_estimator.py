@@ -18,14 +18,14 @@ import abc
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Bool, Float, PRNGKeyArray, PyTree
 
-from optax_pes._checks import require_params
+from optax_pes._checks import is_concrete, require_params
 from optax_pes._es._config import EstimatorConfig
 from optax_pes._es._state import (
     EstimatorState,
@@ -95,14 +95,20 @@ class AbstractNoisePolicy(abc.ABC):
         return inner_state
 
 
-def checked_sigma(sigma: Any) -> Array:
-    """sigma as an array, with a run-time error when a traced value is not positive."""
-    sigma = jnp.asarray(sigma)
-    if isinstance(sigma, jax.core.Tracer):
-        sigma = eqx.error_if(
-            sigma, ~(sigma > 0) | ~jnp.isfinite(sigma), "sigma must be positive"
-        )
-    return sigma
+def usable_sigma(sigma: Any, dtype: jnp.dtype) -> tuple[Array, Array | None]:
+    """`(sigma, ok)`: sigma as an array of theta's dtype, and for a traced sigma
+    (`inject_hyperparams` under `jit`) whether it is positive and finite.
+
+    A concrete sigma was checked by the factory (`ok` is None). A traced one that is
+    not positive and finite is replaced by 1 so the window runs on finite thetas, and
+    the window's estimate is left out (`ok` is False): an error raised from inside
+    `jit` would not be readable, and no non-finite value may reach the update.
+    """
+    sigma = jnp.asarray(sigma, dtype)
+    if is_concrete(sigma):
+        return sigma, None
+    ok = jnp.isfinite(sigma) & (sigma > 0)
+    return jnp.where(ok, sigma, 1), ok
 
 
 def perturb(
@@ -136,26 +142,46 @@ def score_estimate(
     result: WindowResult,
     valid: Bool[Array, " groups"],
     perturbation: Perturbation,
-) -> Float[Array, " dim"]:
-    """`sum_i (L_before_i c_before_i + L_after_i c_after_i) / n_valid`.
+) -> tuple[Float[Array, " dim"], Bool[Array, " groups"]]:
+    """`(sum_i (L_before_i c_before_i + L_after_i c_after_i) / n_valid, valid)`.
 
-    Invalid groups contribute nothing; without mid-window resets (`config.sync`) the
-    losses after a reset are zero and their product is skipped.
+    Invalid groups contribute nothing. So do groups whose contribution overflows
+    (finite but huge losses), and if the sum itself is not finite, no group does:
+    those are returned as invalid, to be counted and restarted like non-finite
+    losses. Without mid-window resets (`config.sync`) the losses after a reset are
+    zero and their product is skipped.
     """
     signs, num_groups = config.signs, config.num_groups
-    scores = perturbation.credit_before
-    count = jnp.maximum(config.particles_per_group * jnp.sum(valid), 1)
-
-    def credit(losses, scores):
-        per_member = losses.reshape(len(signs), num_groups)
-        weights = sum(s * per_member[m] for m, s in enumerate(signs) if s)
-        weights = jnp.where(valid, weights, 0)
-        return weights.astype(scores.dtype) @ scores
-
-    out = credit(result.loss_before, scores)
+    credits = [(result.loss_before, perturbation.credit_before)]
     if not config.sync:
-        out = out + credit(result.loss_after, perturbation.credit_after)
-    return out / count.astype(scores.dtype)
+        credits.append((result.loss_after, perturbation.credit_after))
+
+    def weights(losses):
+        per_member = losses.reshape(len(signs), num_groups)
+        return sum(s * per_member[m] for m, s in enumerate(signs) if s)
+
+    weighted = []
+    for losses, scores in credits:
+        w = weights(losses).astype(scores.dtype)
+        # |w| * max|score| bounds the group's contribution: finite, or left out.
+        valid = valid & jnp.isfinite(w * jnp.max(jnp.abs(scores), axis=1))
+        weighted.append((w, scores))
+    out = sum(jnp.where(valid, w, 0) @ scores for w, scores in weighted)
+    count = jnp.maximum(config.particles_per_group * jnp.sum(valid), 1)
+    out = out / count.astype(out.dtype)
+    finite = jnp.all(jnp.isfinite(out))
+    return jnp.where(finite, out, 0), valid & finite
+
+
+def check_finite_params(params: PyTree) -> None:
+    """Eagerly, non-finite params are an error (under `jit` every particle's loss is
+    then non-finite, and counted)."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        if is_concrete(leaf) and not np.all(np.isfinite(np.asarray(leaf))):
+            raise ValueError(
+                "params must be finite; the leaf at "
+                f"{jax.tree_util.keystr(path) or 'the root'} holds NaN or inf"
+            )
 
 
 def estimator(
@@ -180,7 +206,8 @@ def estimator(
         loss_dtype = check_against_system(system, params)
         rng_key, noise_key, window_key = jax.random.split(state.rng_key, 3)
         flat, unravel = ravel_pytree(params)
-        sigma = checked_sigma(config.sigma).astype(flat.dtype)
+        check_finite_params(params)
+        sigma, sigma_ok = usable_sigma(config.sigma, flat.dtype)
         p = policy.perturb(
             config, state.noise, state.needs_init, flat, sigma, noise_key
         )
@@ -196,7 +223,9 @@ def estimator(
             thetas_after_reset=None if after is None else jax.vmap(unravel)(after),
         )
         valid = window_validity(config, result)
-        estimate = score_estimate(config, result, valid, p)
+        if sigma_ok is not None:
+            valid = valid & sigma_ok
+        estimate, valid = score_estimate(config, result, valid, p)
         new_state = next_state(
             config,
             state,

@@ -85,7 +85,10 @@ def pes(
     - `system`: the `optax_pes.UnrolledSystem` to differentiate through.
     - `num_particles`: $N$, particles per update (even with `antithetic`).
     - `sigma`: the perturbation's standard deviation (not variance). May change between
-      updates (e.g. under `optax.inject_hyperparams`): scores stay consistent.
+      updates (e.g. under `optax.inject_hyperparams`): scores stay consistent. A
+      value that is not positive and finite is refused by the factory; a traced one
+      (a schedule under `jit`) makes that window's estimate zero, with every particle
+      counted in `num_nonfinite`.
     - `truncation_length`: $K$, inner steps per update, `1 <= K <= horizon`.
     - `key`: an `int` seed or a PRNG key; kept in the state and split every update.
     - `stagger`: spread the particles' episodes uniformly over the horizon, so the

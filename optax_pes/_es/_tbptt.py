@@ -10,6 +10,7 @@ from jaxtyping import PRNGKeyArray, PyTree
 
 from optax_pes._checks import require_params
 from optax_pes._es._config import configure
+from optax_pes._es._estimator import check_finite_params
 from optax_pes._es._state import (
     EstimatorState,
     NoNoise,
@@ -83,6 +84,7 @@ def tbptt(
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
         require_params(params, "tbptt")
+        check_finite_params(params)
         loss_dtype = check_against_system(system, params)
         rng_key, _, window_key = jax.random.split(state.rng_key, 3)
         n = config.num_particles
@@ -119,6 +121,11 @@ def tbptt(
             ),
             grads,
         )
+        finite = jnp.all(
+            jnp.asarray([jnp.all(jnp.isfinite(e)) for e in jax.tree.leaves(estimate)])
+        )
+        estimate = jax.tree.map(lambda e: jnp.where(finite, e, 0), estimate)
+        valid = valid & finite
         new_state = next_state(
             config,
             state,

@@ -1,6 +1,16 @@
-"""Checkpointing estimator states (and anything else) with their typed PRNG keys."""
+"""Checkpointing estimator states (and anything else) with their typed PRNG keys.
 
+A checkpoint file is a small header, then the leaves as `equinox.tree_serialise_leaves`
+writes them (typed keys as their raw key data). The header holds a format version,
+the tree structure and every leaf's kind, dtype and shape, so that loading refuses a
+file that does not match `like` (equinox alone reads any prefix of a file), and says
+so when a file is truncated or corrupt rather than failing at some leaf.
+"""
+
+import io
+import json
 import pathlib
+import struct
 from typing import Any, BinaryIO
 
 import equinox as eqx
@@ -8,11 +18,33 @@ import jax
 import numpy as np
 from jaxtyping import PyTree
 
+_MAGIC = b"optax_pes checkpoint\n"
+_VERSION = 1
+
 
 def _is_key(x: Any) -> bool:
     return isinstance(x, jax.Array) and jax.dtypes.issubdtype(
         x.dtype, jax.dtypes.prng_key
     )
+
+
+def _leaf_spec(x: Any) -> str:
+    if _is_key(x):
+        return f"key<{jax.random.key_impl(x)}>{list(x.shape)}"
+    if hasattr(x, "dtype") and hasattr(x, "shape"):
+        return f"{np.dtype(x.dtype)}{list(np.shape(x))}"
+    return type(x).__name__
+
+
+def _header(pytree: PyTree) -> dict[str, Any]:
+    # Leaf paths, not str(treedef): a treedef prints static fields (functions with
+    # their addresses), which differ between processes.
+    leaves = jax.tree_util.tree_leaves_with_path(pytree)
+    return {
+        "version": _VERSION,
+        "paths": [jax.tree_util.keystr(path) for path, _ in leaves],
+        "leaves": [_leaf_spec(x) for _, x in leaves],
+    }
 
 
 def _save(f: BinaryIO, x: Any) -> None:
@@ -25,23 +57,23 @@ def _save(f: BinaryIO, x: Any) -> None:
 def _load(f: BinaryIO, x: Any) -> Any:
     if _is_key(x):
         data = np.load(f)
-        expected = jax.random.key_data(x)
-        if data.shape != expected.shape or data.dtype != expected.dtype:
-            raise RuntimeError(
-                f"a PRNG key in the file has data {data.dtype}{list(data.shape)}, but "
-                f"`like` expects {expected.dtype}{list(expected.shape)}"
-            )
         return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
     return eqx.default_deserialise_filter_spec(f, x)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match `like`, or is truncated or corrupt."""
 
 
 def tree_serialise_leaves(path_or_file: str | pathlib.Path | BinaryIO, pytree: PyTree):
     """Save a pytree's arrays, including typed PRNG keys, to a file.
 
     `equinox.tree_serialise_leaves` with typed keys (as in every
-    `optax_pes.EstimatorState`) saved as their raw key data. Use it to checkpoint a
-    whole training loop, e.g. `(theta, opt_state)` of an `optax.chain` holding `pes`:
-    restored with `optax_pes.tree_deserialise_leaves`, the run continues bit for bit.
+    `optax_pes.EstimatorState`) saved as their raw key data, after a header that
+    records the tree's structure and leaves, so that
+    `optax_pes.tree_deserialise_leaves` can refuse a file that does not fit. Use it to
+    checkpoint a whole training loop, e.g. `(theta, opt_state)` of an `optax.chain`
+    holding `pes`: restored, the run continues bit for bit.
 
     **Arguments:**
 
@@ -65,13 +97,64 @@ def tree_serialise_leaves(path_or_file: str | pathlib.Path | BinaryIO, pytree: P
 
     ```
     """
+    if isinstance(path_or_file, (str, pathlib.Path)):
+        with open(path_or_file, "wb") as f:
+            return tree_serialise_leaves(f, pytree)
+    header = json.dumps(_header(pytree)).encode()
+    path_or_file.write(_MAGIC + struct.pack("<Q", len(header)) + header)
     eqx.tree_serialise_leaves(path_or_file, pytree, filter_spec=_save)
+
+
+def _read_header(f: BinaryIO) -> dict[str, Any]:
+    if f.read(len(_MAGIC)) != _MAGIC:
+        raise CheckpointError(
+            "not an optax_pes checkpoint (no header): the file is truncated or "
+            "corrupt, or was not written by optax_pes.tree_serialise_leaves"
+        )
+    size = f.read(8)
+    try:
+        (length,) = struct.unpack("<Q", size)
+        header = json.loads(f.read(length).decode())
+        version = header["version"]
+    except (struct.error, ValueError, KeyError, UnicodeDecodeError) as e:
+        raise CheckpointError(
+            f"the checkpoint's header is truncated or corrupt ({e})"
+        ) from e
+    if version != _VERSION:
+        raise CheckpointError(
+            f"checkpoint format version {version} is not supported (this optax_pes "
+            f"reads version {_VERSION})"
+        )
+    return header
+
+
+def _check_fits(saved: dict[str, Any], like: PyTree) -> None:
+    expected = _header(like)
+    saved_paths, paths = saved["paths"], expected["paths"]
+    if saved_paths != paths:
+        missing = [p for p in paths if p not in saved_paths][:3]
+        extra = [p for p in saved_paths if p not in paths][:3]
+        raise CheckpointError(
+            f"the checkpoint holds a different tree than `like`: {len(saved_paths)} "
+            f"leaves saved, {len(paths)} expected (e.g. missing {missing or 'none'}, "
+            f"unexpected {extra or 'none'})"
+        )
+    for path, got, want in zip(paths, saved["leaves"], expected["leaves"], strict=True):
+        if got != want:
+            raise CheckpointError(
+                f"the checkpoint's leaf {path or '(root)'} is {got}, but `like` "
+                f"expects {want}"
+            )
 
 
 def tree_deserialise_leaves(
     path_or_file: str | pathlib.Path | BinaryIO, like: PyTree
 ) -> PyTree:
     """Load what `optax_pes.tree_serialise_leaves` saved into the structure of `like`.
+
+    The file must hold exactly `like`'s tree: the same structure, and leaves of the
+    same dtypes and shapes, and nothing after them. Otherwise, or when the file is
+    truncated or corrupt, a `ValueError` says which; nothing is half-loaded.
 
     **Arguments:**
 
@@ -81,4 +164,20 @@ def tree_deserialise_leaves(
 
     **Returns:** `like` with the saved values.
     """
-    return eqx.tree_deserialise_leaves(path_or_file, like, filter_spec=_load)
+    if isinstance(path_or_file, (str, pathlib.Path)):
+        with open(path_or_file, "rb") as f:
+            return tree_deserialise_leaves(f, like)
+    _check_fits(_read_header(path_or_file), like)
+    body = io.BytesIO(path_or_file.read())
+    try:
+        out = eqx.tree_deserialise_leaves(body, like, filter_spec=_load)
+    except Exception as e:  # noqa: BLE001 - numpy's errors on a short read vary
+        raise CheckpointError(
+            "the checkpoint is truncated or corrupt: its leaves could not be read "
+            f"({type(e).__name__}: {e})"
+        ) from e
+    if body.read(1):
+        raise CheckpointError(
+            "the checkpoint has data after the last leaf of `like`: it is corrupt"
+        )
+    return out

@@ -458,3 +458,17 @@ def test_converges_inside_scan_and_optax_wrappers(config):
         np.testing.assert_array_equal(leaf[idle], 0)
     for leaf in jax.tree.leaves(_offset(final)):
         np.testing.assert_allclose(leaf, 0, atol=0.1)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_tree_map_params_over_a_chain(config):
+    # How users build sharding specs for optimizer states from parameter specs.
+    tx = optax.chain(_make(config), optax.adam(1e-2))
+    theta = _params()
+    state = tx.init(theta)
+    specs = optax.tree_utils.tree_map_params(
+        tx, lambda p: "param", state, transform_non_params=lambda _: "other"
+    )
+    adam_mu = specs[1][0].mu
+    assert jax.tree.leaves(adam_mu) == ["param"] * len(jax.tree.leaves(theta))
+    assert specs[0].count == "other" and specs[0].inner_state == "other"

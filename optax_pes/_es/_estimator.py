@@ -30,7 +30,9 @@ from optax_pes._es._config import EstimatorConfig
 from optax_pes._es._state import (
     EstimatorState,
     initial_state,
+    is_params_placeholder,
     next_state,
+    placeholder_state,
     window_validity,
 )
 from optax_pes._es._system import check_against_system
@@ -192,6 +194,8 @@ def estimator(
     system = config.system
 
     def init_fn(params: PyTree) -> EstimatorState:
+        if is_params_placeholder(params):
+            return placeholder_state(config)
         flat, _ = ravel_pytree(params)
         return initial_state(
             config,

@@ -43,6 +43,35 @@ class EstimatorState(NamedTuple):
     diagnostics: Diagnostics  # what the last update saw, for logging
 
 
+class _ParamsDependent:
+    """Stands for a subtree whose structure depends on params that are not given."""
+
+    def __repr__(self) -> str:
+        return "<depends on params>"
+
+
+def is_params_placeholder(params: PyTree) -> bool:
+    """`optax.tree_utils.tree_map_params` calls `init` with a placeholder."""
+    return type(params).__name__ == "_ParamsPlaceholder"
+
+
+def placeholder_state(config: EstimatorConfig) -> EstimatorState:
+    """The state `init` gives optax's params placeholder: exact where the structure
+    does not depend on params, one opaque leaf for the inner states and the noise
+    (`tree_map_params` then hands those subtrees to `transform_non_params` whole)."""
+    zero = jnp.zeros((), jnp.float32)
+    count = jnp.zeros((), jnp.int32)
+    return EstimatorState(
+        count=count,
+        rng_key=config.key,
+        inner_state=_ParamsDependent(),
+        remaining=jnp.asarray(config.system.horizon - config.offsets, jnp.int32),
+        needs_init=jnp.ones(config.num_groups, bool),
+        noise=_ParamsDependent(),
+        diagnostics=Diagnostics(zero, zero, count, count),
+    )
+
+
 def initial_state(
     config: EstimatorConfig, params: PyTree, *, num_states: int, noise: PyTree
 ) -> EstimatorState:

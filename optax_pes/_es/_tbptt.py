@@ -15,7 +15,9 @@ from optax_pes._es._state import (
     EstimatorState,
     NoNoise,
     initial_state,
+    is_params_placeholder,
     next_state,
+    placeholder_state,
     window_validity,
 )
 from optax_pes._es._system import UnrolledSystem, check_against_system
@@ -77,6 +79,8 @@ def tbptt(
     )
 
     def init_fn(params: PyTree) -> EstimatorState:
+        if is_params_placeholder(params):
+            return placeholder_state(config)
         return initial_state(
             config, params, num_states=config.num_particles, noise=NoNoise()
         )

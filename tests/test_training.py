@@ -323,3 +323,13 @@ def test_bad_input_names_the_argument():
         build(optimizer=optax.sgd(0.1))
     with pytest.raises(ValueError, match="model must hold floating-point arrays"):
         build(model={"n": 3})
+
+
+def test_val_data_without_a_validation_objective_is_refused():
+    # It would silently tune the training loss.
+    data = regression_data()
+    model = eqx.nn.MLP(5, "scalar", 8, 1, key=jax.random.key(1))
+    with pytest.raises(ValueError, match="objective='val_loss'"):
+        tasks.training_system(
+            model, mse, schedule_sgd, data, horizon=10, batch_size=8, val_data=data
+        )

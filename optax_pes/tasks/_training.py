@@ -133,7 +133,7 @@ def training_system(
       `metric(model, *batch) -> scalar` evaluated like `"val_loss"`, which need not be
       differentiable, e.g. the validation error rate $1 - $ accuracy. Lower is better.
     - `val_data`: validation data, as `train_data`; needed unless the objective is
-      `"train_loss"`.
+      `"train_loss"`, and refused with it (it would never be read).
     - `val_batch_size`: validation examples per step (drawn from the step's key), or
       `None` for the whole validation set at every step.
     - `model_init`: optional `model_init(key) -> model`, a fresh random initialisation
@@ -188,6 +188,12 @@ def training_system(
     params0, rebuild = partition_model(model)
     sample_train = _sampler(train_data, batch_size, "train_data")
     if objective == "train_loss":
+        if val_data is not None:
+            raise ValueError(
+                "val_data is given but objective='train_loss' tunes the training loss "
+                "and would never read it: pass objective='val_loss' (or a metric) to "
+                "tune for the validation data, or leave val_data out"
+            )
         metric, sample_val = None, None
     elif objective == "val_loss" or callable(objective):
         if val_data is None:

@@ -37,24 +37,30 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable
 from functools import partial
-from typing import Any
 
 import jax
 
 jax.config.update("jax_enable_x64", True)
 
+import _problems  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from sklearn.datasets import load_breast_cancer  # noqa: E402
+from _timing import (  # noqa: E402
+    block,
+    compare,
+    cosine,
+    median,
+    ms,
+    of_thunks,
+    paired_ratio,
+    rel_error,
+    us,
+)
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import optax_pes  # noqa: E402
 
 try:
@@ -87,60 +93,9 @@ Notes:
 # ---------------------------------------------------------------------- problem ---
 
 
-def load_data():
-    x, y = load_breast_cancer(return_X_y=True)
-    order = np.random.RandomState(0).permutation(len(y))
-    x, y = x[order], y[order].astype(np.float64)
-    n = len(y) // 2
-    x = (x - x[:n].mean(0)) / x[:n].std(0)
-    return (jnp.asarray(x[:n]), jnp.asarray(y[:n])), (jnp.asarray(x[n:]), y[n:])
-
-
-(X_TRAIN, Y_TRAIN), (X_VAL, Y_VAL) = load_data()
-DIM = X_TRAIN.shape[1]
-
-
-def log_loss(w, x, y):
-    z = x @ w
-    return jnp.mean(jnp.logaddexp(0.0, z) - y * z)
-
-
-def inner_loss(w, lam):
-    return log_loss(w, X_TRAIN, Y_TRAIN) + 0.5 * jnp.sum(jnp.exp(lam) * w**2)
-
-
-def outer_loss(w, lam):
-    return log_loss(w, X_VAL, Y_VAL)
-
-
-@jax.jit
-def newton_solution(lam):
-    def step(w, _):
-        hess = jax.hessian(inner_loss)(w, lam)
-        return w - jnp.linalg.solve(hess, jax.grad(inner_loss)(w, lam)), None
-
-    return jax.lax.scan(step, jnp.zeros(DIM), None, length=30)[0]
-
-
-@jax.jit
-def held_out(lam):
-    return outer_loss(newton_solution(lam), lam)
-
-
-@jax.jit
-def exact_hypergradient(lam):
-    """Dense reference: grad_h g - (d_h grad_w f)^T H^-1 grad_w g at w*."""
-    w = newton_solution(lam)
-    v = jnp.linalg.solve(jax.hessian(inner_loss)(w, lam), jax.grad(outer_loss)(w, lam))
-    mixed = jax.jacobian(lambda h: jax.grad(inner_loss)(w, h))(lam)
-    return jax.grad(outer_loss, argnums=1)(w, lam) - jnp.tensordot(v, mixed, axes=1)
-
-
-def grid_minimum() -> tuple[float, float]:
-    lams = jnp.linspace(-10.0, 2.0, 241)
-    losses = jax.vmap(held_out)(lams)
-    i = int(jnp.argmin(losses))
-    return float(losses[i]), float(lams[i])
+PROBLEM = _problems.logistic_regression()
+inner_loss, outer_loss = PROBLEM.inner_loss, PROBLEM.outer_loss
+DIM = PROBLEM.dim
 
 
 def settings(names: list[str]) -> dict[str, jax.Array]:
@@ -184,57 +139,13 @@ def jaxopt_hypergradient(lam, w0, tol, max_steps: int):
     return jax.grad(value, has_aux=True)(lam)
 
 
-# ----------------------------------------------------------------------- timing ---
-
-
-def block(tree: Any) -> Any:
-    return jax.block_until_ready(tree)
-
-
-def interleaved(
-    fns: dict[str, Callable[[], Any]], repeats: int, calls: int
-) -> dict[str, list[float]]:
-    """Seconds per call of each warmed-up thunk: `repeats` samples of `calls` calls,
-    round-robin over the thunks."""
-    for fn in fns.values():
-        block(fn())
-        block(fn())
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            for _ in range(calls):
-                out = fn()
-            block(out)
-            samples[name].append((time.perf_counter() - start) / calls)
-    return samples
-
-
-def median_ratio(a: list[float], b: list[float]) -> float:
-    """Median of the ratios of samples taken side by side."""
-    return statistics.median(x / y for x, y in zip(a, b, strict=True))
-
-
-def cosine(a, b) -> float:
-    a, b = jnp.ravel(a), jnp.ravel(b)
-    return float(jnp.vdot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b)))
-
-
-def rel_error(a, b) -> float:
-    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
-
-
-def us(seconds: float) -> str:
-    return f"{1e6 * seconds:8.0f} us"
-
-
 # ------------------------------------------------------------ 1. hypergradient ---
 
 
 def hypergradient_section(args, name: str, lam, tol: float) -> dict[str, dict]:
     """Time and accuracy of one hypergradient per method at (lam, tol)."""
-    exact = exact_hypergradient(lam)
-    warm = newton_solution(lam + 0.1)
+    exact = PROBLEM.exact_hypergradient(lam)
+    warm = PROBLEM.newton_solution(lam + 0.1)
     zeros = jnp.zeros_like(lam)
     fns, info = {}, {}
     for method in TIMED_METHODS:
@@ -261,8 +172,8 @@ def hypergradient_section(args, name: str, lam, tol: float) -> dict[str, dict]:
             estimate=None, steps=int(result.state.iter_num), converged=True
         )
         fns[JAXOPT_SOLVE] = partial(solve, lam, warm, tol)
-    samples = interleaved(fns, args.repeats, args.calls)
-    base, jfb = samples["implicit"], statistics.median(samples["jacobian_free"])
+    samples = compare(of_thunks(fns, args.calls), args.repeats, rotate=False)
+    base, jfb = samples["implicit"], median(samples["jacobian_free"])
     print(
         f"\n== 1. hypergradient, {name} lambda, inner tol {tol:g}: one jitted update "
         f"from a warm state, median of {args.repeats} x {args.calls} calls"
@@ -272,8 +183,8 @@ def hypergradient_section(args, name: str, lam, tol: float) -> dict[str, dict]:
         f"{'rel. error':>10} {'cosine':>10}"
     )
     for method, row in info.items():
-        t = statistics.median(samples[method])
-        row |= dict(time=t, ratio=median_ratio(samples[method], base))
+        t = median(samples[method])
+        row |= dict(time=t, ratio=paired_ratio(samples[method], base))
         accuracy = f"{'':10} {'':10}"
         if row["estimate"] is not None:
             row |= dict(
@@ -283,8 +194,8 @@ def hypergradient_section(args, name: str, lam, tol: float) -> dict[str, dict]:
             accuracy = f"{row['rel']:10.2e} {row['cos']:10.6f}"
         flag = "" if row["converged"] else " (hit max steps)"
         print(
-            f"{method:16} {us(t)} {1e6 * (t - jfb):6.0f} us {row['ratio']:10.2f} "
-            f"{row['steps']:11d} {accuracy}{flag}"
+            f"{method:16} {us(t, '8.0f', unit=True)} {us(t - jfb, '6.0f', unit=True)} "
+            f"{row['ratio']:10.2f} {row['steps']:11d} {accuracy}{flag}"
         )
     return info
 
@@ -345,7 +256,7 @@ def hpo_section(args, name: str, shape: tuple, target: float) -> dict[str, dict]
                 carries[method] = block(step(carries[method]))
                 elapsed[method].append(time.perf_counter() - start)
                 if r == 0 and method not in reached:
-                    loss = float(held_out(lam_of(carries[method])))
+                    loss = float(PROBLEM.held_out(lam_of(carries[method])))
                     if loss <= target:
                         reached[method] = k + 1
             if r == 0 and len(reached) == len(steppers) and not args.full_trajectory:
@@ -353,7 +264,7 @@ def hpo_section(args, name: str, shape: tuple, target: float) -> dict[str, dict]
         if r == 0:
             for method in steppers:
                 reached.setdefault(method, None)
-                final[method] = float(held_out(lam_of(carries[method])))
+                final[method] = float(PROBLEM.held_out(lam_of(carries[method])))
         for method in steppers:
             if r == 0 or reached[method] is not None:
                 n = reached[method] or len(elapsed[method])
@@ -364,12 +275,10 @@ def hpo_section(args, name: str, shape: tuple, target: float) -> dict[str, dict]
         totals = [sum(t) for t in times[method]]
         rows[method] = dict(
             steps=reached[method],
-            time=statistics.median(totals),
-            per_step=statistics.median(
-                statistics.median(t) for t in times[method] if t
-            ),
+            time=median(totals),
+            per_step=median(median(t) for t in times[method] if t),
             ratio=(
-                median_ratio(totals, base)
+                paired_ratio(totals, base)
                 if reached[method] and reached["implicit"]
                 else float("nan")
             ),
@@ -387,8 +296,9 @@ def hpo_section(args, name: str, shape: tuple, target: float) -> dict[str, dict]
     for method, row in rows.items():
         steps = "never" if row["steps"] is None else f"{row['steps']}"
         print(
-            f"{method:16} {steps:>6} {1e3 * row['time']:12.1f} ms {row['ratio']:10.2f} "
-            f"{us(row['per_step'])} {row['final']:17.6f}"
+            f"{method:16} {steps:>6} {ms(row['time'], '12.1f', unit=True)} "
+            f"{row['ratio']:10.2f} {us(row['per_step'], '8.0f', unit=True)} "
+            f"{row['final']:17.6f}"
         )
     return rows
 
@@ -468,7 +378,7 @@ def main() -> None:
     print(
         f"jax {jax.__version__} on {jax.devices()[0].device_kind} "
         f"({os.cpu_count()} CPU cores), optax {optax.__version__}, float64; "
-        f"breast cancer, {X_TRAIN.shape[0]} train / {X_VAL.shape[0]} held out, "
+        f"breast cancer, {len(PROBLEM.y_train)} train / {len(PROBLEM.y_val)} held out, "
         f"{DIM} features; jaxopt reference: {'yes' if args.jaxopt else 'no'}"
     )
     start = time.perf_counter()
@@ -480,7 +390,7 @@ def main() -> None:
         print(f"(section 1: {time.perf_counter() - start:.0f} s)")
     if "hpo" in args.sections:
         t0 = time.perf_counter()
-        best, best_lam = grid_minimum()
+        best, best_lam = PROBLEM.grid_minimum()
         print(
             f"\ngrid search (scalar lambda, 241 points): held-out {best:.6f} at "
             f"lambda = {best_lam:.2f}"

@@ -16,6 +16,7 @@ puts benchmarks/ on `sys.path`).
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable, Iterable
@@ -114,6 +115,23 @@ def sized(fn: Callable[[Any], Any], carry: Any, units: int, budget: float) -> Ca
     block(fn(carry))
     calls = calls_for(time.perf_counter() - start, budget, high=10_000)
     return loop_of(fn, calls), carry, units * calls
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--repeats` and `--budget` (seconds per `sized` sample); `sampling_defaults`
+    fills in those not given."""
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument(
+        "--budget", type=float, default=None, help="seconds per timed sample"
+    )
+
+
+def sampling_defaults(args: argparse.Namespace, quick: bool) -> None:
+    """11 repeats of 0.1 s samples; 5 of 0.03 s when `quick`."""
+    if args.repeats is None:
+        args.repeats = 5 if quick else 11
+    if args.budget is None:
+        args.budget = 0.03 if quick else 0.1
 
 
 # ------------------------------------------------------------------ statistics -----

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import optax
 from _problems import SYSTEMS, THETA0, bare_window, perturbed
 from _timing import (
+    add_sampling_arguments,
     block,
     calls_for,
     compare,
@@ -41,6 +42,7 @@ from _timing import (
     medians,
     memory_of,
     paired_ratio,
+    sampling_defaults,
     sized,
     us,
 )
@@ -487,10 +489,7 @@ def section_memory(device, args, table) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small repeat counts")
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument(
-        "--budget", type=float, default=None, help="seconds per timed sample"
-    )
+    add_sampling_arguments(parser)
     parser.add_argument("--particles", type=int, nargs="+", default=[16, 128])
     parser.add_argument(
         "--truncations",
@@ -512,10 +511,7 @@ def main() -> None:
         "--cpu-only", action="store_true", help="skip the accelerator, if any"
     )
     args = parser.parse_args()
-    if args.repeats is None:
-        args.repeats = 5 if args.quick else 11
-    if args.budget is None:
-        args.budget = 0.03 if args.quick else 0.1
+    sampling_defaults(args, args.quick)
     if args.truncations is None:
         args.truncations = [10] if args.quick else [10, 100]
 

@@ -49,6 +49,7 @@ from _problems import SYSTEMS, THETA0, bare_window, digits_system, perturbed
 from _timing import (
     Candidate,
     Interleaved,
+    add_sampling_arguments,
     block,
     compare,
     header,
@@ -57,6 +58,7 @@ from _timing import (
     mib,
     ms,
     paired_ratio,
+    sampling_defaults,
     sized,
 )
 
@@ -528,10 +530,7 @@ def section_memory(args: argparse.Namespace, table: list[str]) -> None:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (< 3 min)")
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument(
-        "--budget", type=float, default=None, help="seconds per timed sample"
-    )
+    add_sampling_arguments(parser)
     parser.add_argument(
         "--sections",
         nargs="+",
@@ -580,9 +579,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     quick = args.quick
+    sampling_defaults(args, quick)
     defaults = {
-        "repeats": 5 if quick else 11,
-        "budget": 0.03 if quick else 0.1,
         "systems": ["digits"] if quick else ["digits", "infl"],
         "particles": [8, 64] if quick else [8, 16, 32, 64, 128, 256],
         "devices": [1, 2] if quick else [1, 2, 4, 8],

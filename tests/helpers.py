@@ -32,25 +32,60 @@ def summed_estimates(tx, theta, *, num_updates, num_replicates, seed=0):
     return jax.tree.map(lambda x: np.asarray(x, np.float64), out)
 
 
+def _burned_in_per_step(system, theta, offset):
+    """Per-step gradients of the losses at phases `offset .. T-1` of an episode whose
+    first `offset` steps ran at theta held fixed (a staggered particle's burn-in)."""
+    horizon = system.horizon
+    fixed = jax.lax.stop_gradient(theta)
+    key = jax.random.key(0)
+
+    def losses(th):
+        state = system.init(fixed, key)
+        for _ in range(offset):
+            state, _ = system.step(fixed, state, key)
+        out = []
+        for _ in range(horizon - offset):
+            state, loss = system.step(th, state, key)
+            out.append(loss)
+        return jnp.stack(out)
+
+    return jax.jacrev(losses)(theta)
+
+
 def expected_sum(system, theta, *, num_groups, truncation_length, stagger, num_updates):
     """E[sum of estimates] for an unbiased estimator, from the per-step gradients.
 
-    Group g's first episode is shortened by its stagger offset; after that, its
-    episodes have the full horizon. Each inner step it takes at episode time tau
-    contributes the gradient of the tau-th loss of a fresh episode.
+    Group g starts at phase `offset_g` of its first episode (its stagger offset), with
+    the state at that phase burned in at theta and held fixed: the first episode's
+    steps contribute the gradients of its remaining losses with that state fixed.
+    After that, its episodes have the full horizon, and each inner step at episode
+    time tau contributes the gradient of the tau-th loss of a fresh episode. The
+    systems this is used on ignore their keys.
     """
     horizon = system.horizon
     per_step = jax.jacrev(lambda th: optax_pes.unroll(system, th))(theta)
     offsets = stagger_offsets(num_groups, horizon, truncation_length, stagger)
     counts = np.zeros(horizon)
+    total = jax.tree.map(lambda g: np.zeros(g.shape[1:]), per_step)
     for offset in offsets:
         first = horizon - int(offset)
-        for step in range(num_updates * truncation_length):
-            counts[step if step < first else (step - first) % horizon] += 1
-    counts /= num_groups
-    return jax.tree.map(
+        steps = num_updates * truncation_length
+        if offset:
+            burned = _burned_in_per_step(system, theta, int(offset))
+            taken = min(steps, first)
+            scored = jax.tree.map(
+                lambda g, n=taken: np.asarray(g[:n], np.float64), burned
+            )
+            total = jax.tree.map(lambda t, g: t + g.sum(0), total, scored)
+        for step in range(steps):
+            if step < first and not offset:
+                counts[step] += 1
+            elif step >= first:
+                counts[(step - first) % horizon] += 1
+    fresh = jax.tree.map(
         lambda g: np.tensordot(counts, np.asarray(g, np.float64), axes=1), per_step
     )
+    return jax.tree.map(lambda a, b: (a + b) / num_groups, fresh, total)
 
 
 def max_z_score(samples, expected):

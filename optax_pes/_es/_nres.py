@@ -24,7 +24,7 @@ class NRESNoise(NamedTuple):
     """NRES's noise state: each particle's perturbation for its whole episode."""
 
     direction: Array  # (groups, dim), theta's dtype: z ~ N(0, I), eps = sigma * z
-    sigma: Array  # (groups,), theta's dtype: sigma when the episode started
+    sigma: Array  # (groups,), theta's dtype: sigma when it was drawn (0: not yet)
 
 
 class _ReusedNoise(AbstractNoisePolicy):
@@ -32,16 +32,19 @@ class _ReusedNoise(AbstractNoisePolicy):
     credited to $z / \sigma$ of their episode."""
 
     def init_noise(self, config, flat):
+        # sigma 0: no noise drawn yet (a staggered particle's burned-in episode
+        # takes its noise at its first scored window).
         return NRESNoise(
             jnp.zeros((config.num_groups,) + flat.shape, flat.dtype),
-            jnp.ones(config.num_groups, flat.dtype),
+            jnp.zeros(config.num_groups, flat.dtype),
         )
 
     def perturb(self, config, noise, needs_init, flat, sigma, key):
         fresh = standard_normal(config, flat, key)
         # Episodes starting now take fresh noise for the whole window...
-        direction = jnp.where(needs_init[:, None], fresh, noise.direction)
-        sigmas = jnp.where(needs_init, sigma, noise.sigma)
+        start = needs_init | (noise.sigma == 0)
+        direction = jnp.where(start[:, None], fresh, noise.direction)
+        sigmas = jnp.where(start, sigma, noise.sigma)
         thetas = perturb(flat, direction, config.signs, sigmas)
         # ...and so do episodes starting inside it, from their first step.
         after = None if config.sync else perturb(flat, fresh, config.signs, sigma)

@@ -92,8 +92,11 @@ def pes(
     - `truncation_length`: $K$, inner steps per update, `1 <= K <= horizon`.
     - `key`: an `int` seed or a PRNG key; kept in the state and split every update.
     - `stagger`: spread the particles' episodes uniformly over the horizon, so the
-      estimate is not dominated by one phase of the inner problem. A staggered
-      particle's first episode is shortened; later ones have the full horizon.
+      estimate is not dominated by one phase of the inner problem, from the first
+      update on: `init` runs each pair forward (unperturbed, unscored) to its offset,
+      up to `horizon - 1` inner steps of `N/2` pairs. That first episode estimates the
+      gradient of its remaining losses with the burned-in state held fixed; from each
+      pair's first reset on, the estimate is unbiased.
     - `antithetic`: use pairs $(\epsilon, -\epsilon)$ that share inner-step keys.
     - `mesh`: a `jax.sharding.Mesh` over which to shard the particle axis (inner
       states and perturbed thetas), or `None` for one device. The code path is the

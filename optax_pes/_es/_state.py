@@ -8,8 +8,8 @@ from jaxtyping import Array, Bool, PyTree
 
 from optax_pes._es._config import EstimatorConfig
 from optax_pes._es._system import check_against_system, empty_inner_state
-from optax_pes._es._window import WindowResult
-from optax_pes._tree import global_norm_f32
+from optax_pes._es._window import WindowResult, tile_groups
+from optax_pes._tree import global_norm_f32, tree_where
 
 
 class Diagnostics(NamedTuple):
@@ -72,24 +72,61 @@ def placeholder_state(config: EstimatorConfig) -> EstimatorState:
     )
 
 
+def burn_in(config: EstimatorConfig, params: PyTree) -> PyTree:
+    """Each group's inner state run forward, unscored and unperturbed at `params`, to
+    its stagger offset: `(groups,)`-leading states at distinct phases.
+
+    Costs `max(offsets)` (at most `T - 1`) vmapped inner steps of the `num_groups`
+    groups, once, at `init`. The keys come from the factory's key folded with a
+    constant, so the estimator's own key sequence is the same with or without it.
+    """
+    system, offsets = config.system, jnp.asarray(config.offsets)
+    init_key, steps_key = jax.random.split(jax.random.fold_in(config.key, 0x5EED))
+    groups = config.num_groups
+    states = jax.vmap(system.init, in_axes=(None, 0))(
+        params, jax.random.split(init_key, groups)
+    )
+    step = jax.vmap(system.step, in_axes=(None, 0, 0))
+
+    def body(states, xs):
+        t, keys = xs
+        advanced, _ = step(params, states, keys)
+        return tree_where(t < offsets, advanced, states), None
+
+    num_steps = int(config.offsets.max())
+    keys = jax.random.split(steps_key, (num_steps, groups))
+    states, _ = jax.lax.scan(body, states, (jnp.arange(num_steps), keys))
+    return jax.lax.stop_gradient(states)
+
+
 def initial_state(
     config: EstimatorConfig, params: PyTree, *, num_states: int, noise: PyTree
 ) -> EstimatorState:
-    """Every group starts a fresh episode at the first update; `num_states` inner
-    states (zeros until then, laid out by the placement), the first episodes shortened
-    by the stagger offsets. Checks `params` against the system first."""
+    """The state before the first update. Checks `params` against the system first.
+
+    Without staggering every group starts a fresh episode at the first update (the
+    `num_states` inner states are zeros until then). With it, a group whose stagger
+    offset is positive starts at that phase of an episode: its state is burned in
+    (`burn_in`) and its first episode has `T - offset` steps left; `num_states` is
+    `num_groups` (truncated ES's shared states) or a multiple of it (every member of a
+    group starts from its group's state).
+    """
     system = config.system
     check_against_system(system, params)
     zero = jnp.zeros((), jnp.float32)
     count = jnp.zeros((), jnp.int32)
+    staggered = config.offsets > 0
+    if staggered.any():
+        members = num_states // config.num_groups
+        inner_state = tile_groups(burn_in(config, params), members)
+    else:
+        inner_state = empty_inner_state(system, params, num_states)
     return EstimatorState(
         count=count,
         rng_key=config.key,
-        inner_state=config.placement.shard(
-            empty_inner_state(system, params, num_states)
-        ),
+        inner_state=config.placement.shard(inner_state),
         remaining=jnp.asarray(system.horizon - config.offsets, jnp.int32),
-        needs_init=jnp.ones(config.num_groups, bool),
+        needs_init=jnp.asarray(~staggered),
         noise=noise,
         diagnostics=Diagnostics(zero, zero, count, count),
     )

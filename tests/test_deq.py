@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import optax_pes
-from optax_pes._implicit._adjoints import flat_layer
+from optax_pes._implicit._flat import flat_layer
 from optax_pes._implicit._solvers import solve
 
 

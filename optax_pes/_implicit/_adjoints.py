@@ -23,26 +23,9 @@ import lineax as lx
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, PyTree
 
+from optax_pes._implicit._flat import FlatFn, flat_layer
 from optax_pes._implicit._solvers import AbstractSolver, LowRankInverse
-
-LayerFn = Any  # Callable[[z_flat], z_flat]: f(z, x) on flat vectors
-
-
-def flat_layer(fn: Any, x: Any, z_like: PyTree) -> tuple[LayerFn, Array, Any]:
-    """`f(., x)` on the flattened state, the flat `z_like` and its unravel function."""
-    z_flat, unravel = ravel_pytree(z_like)
-
-    def layer(z: Float[Array, " d"]) -> Float[Array, " d"]:
-        return ravel_pytree(fn(unravel(z), x))[0]
-
-    return layer, z_flat, unravel
-
-
-def stop_gradient(tree: Any) -> Any:
-    """`lax.stop_gradient` on every array leaf, other leaves untouched."""
-    return jax.tree.map(
-        lambda a: jax.lax.stop_gradient(a) if eqx.is_array(a) else a, tree
-    )
+from optax_pes._tree import stop_gradient
 
 
 class AbstractAdjoint(eqx.Module):
@@ -116,7 +99,7 @@ class _AbstractCotangentAdjoint(AbstractAdjoint):
     @abc.abstractmethod
     def cotangent(
         self,
-        layer: LayerFn,
+        layer: FlatFn,
         z_star: Float[Array, " d"],
         inverse: LowRankInverse | None,
         grad: Float[Array, " d"],

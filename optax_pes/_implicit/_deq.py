@@ -8,13 +8,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import PyTree
 
-from optax_pes._implicit._adjoints import (
-    AbstractAdjoint,
-    Shine,
-    flat_layer,
-    stop_gradient,
-)
+from optax_pes._implicit._adjoints import AbstractAdjoint, Shine
+from optax_pes._implicit._flat import flat_layer
 from optax_pes._implicit._solvers import AbstractSolver, Broyden, SolveInfo, solve
+from optax_pes._tree import stop_gradient
 
 
 def _describe(tree: PyTree) -> str:

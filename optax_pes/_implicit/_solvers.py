@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-FlatFn = Any  # Callable[[Float[Array, " d"]], Float[Array, " d"]]
+from optax_pes._implicit._flat import FlatFn
 
 # Stop when the best residual has not improved for this many steps...
 _STAGNATION_STEPS = 10

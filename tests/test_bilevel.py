@@ -194,7 +194,7 @@ def _loss_returning(out):
     "kwargs, error, match",
     [
         (dict(method="newton"), ValueError, "method must be one of"),
-        (dict(inner_max_steps=0), ValueError, "inner_max_steps must be >= 1"),
+        (dict(inner_max_steps=0), ValueError, "inner_max_steps must be an int >= 1"),
         (dict(inner_tol=0.0), ValueError, "inner_tol must be a positive float"),
         (dict(inner_init=jnp.zeros(3, jnp.int32)), TypeError, "inner_init must be"),
         (dict(inner_optimizer=optax.adam(1e-2)), ValueError, "scale_by_lbfgs"),

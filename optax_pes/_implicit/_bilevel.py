@@ -6,123 +6,184 @@ theorem gives
 $$\nabla F(h) = \nabla_h g - (\partial_h \nabla_w f)^\top v, \qquad
   v = H^{-1} \nabla_w g, \quad H = \nabla^2_w f(w^*, h).$$
 
-The methods differ only in how they get $v$.
+The methods differ only in how they get $v$: each is a small final strategy under
+`_AbstractHypergradientMethod` (as the DEQ adjoints are under `AbstractAdjoint`), and
+the public `method=` strings name them in one table, `_METHODS`. The update solves
+the inner problem (calling the method's hook after every L-BFGS step, where OPA adds
+its secant pairs), asks the method for $v$, and forms $\nabla F$ with one gradient
+and one vector-Jacobian product.
+
+The linear solves of `shine_refine` and `implicit` are a preconditioned conjugate
+gradient on Hessian-vector products.
 """
 
+import abc
+import dataclasses
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
-from jaxtyping import Array, Float, PyTree
+from jaxtyping import Array, Float, Int, PyTree
 
-from optax_pes._checks import check_int, require_params
+from optax_pes._checks import (
+    check_callable,
+    check_choice,
+    check_float,
+    check_float_tree,
+    check_int,
+    describe,
+    is_concrete,
+    require_params,
+)
+from optax_pes._implicit import _lbfgs
+from optax_pes._tree import add_to_updates, global_norm_f32
 
 Method = Literal["shine", "shine_opa", "shine_refine", "implicit", "jacobian_free"]
-METHODS = ("shine", "shine_opa", "shine_refine", "implicit", "jacobian_free")
 
 
 class BilevelState(NamedTuple):
     """State of `optax_pes.shine_bilevel`: the warm start and diagnostics."""
 
     count: jax.Array  # shape=(), int32: outer updates so far
-    inner_params: PyTree  # the last inner solution w*, warm start of the next solve
+    inner_params: PyTree  # as inner_init: the last solution w*, the next warm start
     inner_steps: jax.Array  # shape=(), int32: L-BFGS steps of the last inner solve
     inner_grad_norm: jax.Array  # shape=(), float32: |grad_w f(w*, h)| at its end
     inner_converged: jax.Array  # shape=(), bool: False when it hit inner_max_steps
     hypergrad_norm: jax.Array  # shape=(), float32: norm of the last hypergradient
 
 
-def _lbfgs_state(opt_state: Any) -> optax.ScaleByLBFGSState:
-    found = [
-        s
-        for s in jax.tree.leaves(
-            opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByLBFGSState)
-        )
-        if isinstance(s, optax.ScaleByLBFGSState)
-    ]
-    if len(found) != 1:
-        raise ValueError(
-            "inner_optimizer must contain exactly one optax.scale_by_lbfgs (as "
-            f"optax.lbfgs does); its state has {len(found)}"
-        )
-    return found[0]
+# ------------------------------------------------------------------ the methods ----
 
 
-def _replace_lbfgs_state(opt_state: Any, new: optax.ScaleByLBFGSState) -> Any:
-    return jax.tree.map(
-        lambda s: new if isinstance(s, optax.ScaleByLBFGSState) else s,
-        opt_state,
-        is_leaf=lambda x: isinstance(x, optax.ScaleByLBFGSState),
-    )
+class _Losses(eqx.Module):
+    """The two losses' derivatives in the flat inner variable, at the current h."""
+
+    inner_grad: Callable[[Array], Array]  # w -> grad_w f(w, h)
+    outer_grad: Callable[[Array], Array]  # w -> grad_w g(w, h)
+
+    def hvp(self, w: Float[Array, " d"], v: Float[Array, " d"]) -> Float[Array, " d"]:
+        r"""$\nabla^2_w f(w, h) v$ (forward over reverse)."""
+        return jax.jvp(self.inner_grad, (w,), (v,))[1]
 
 
-def _memory(lbfgs: optax.ScaleByLBFGSState) -> tuple[Array, Array, Array, Array]:
-    """(s, y, rho) as flat rows, and the slot of the most recent pair."""
-    s = jax.vmap(lambda t: ravel_pytree(t)[0])(lbfgs.diff_params_memory)
-    y = jax.vmap(lambda t: ravel_pytree(t)[0])(lbfgs.diff_updates_memory)
-    last = (lbfgs.count - 2) % s.shape[0]
-    return s, y, lbfgs.weights_memory.astype(s.dtype), last
+class _AbstractHypergradientMethod(eqx.Module):
+    r"""How `shine_bilevel` gets $v \approx H^{-1} \nabla_w g$ at the inner solution.
 
-
-def lbfgs_inverse_hessian(
-    lbfgs: optax.ScaleByLBFGSState, d: Float[Array, " dim"]
-) -> Float[Array, " dim"]:
-    r"""$H^{-1} d$ by the L-BFGS two-loop recursion over `lbfgs`'s memory.
-
-    Empty slots (weight 0) contribute nothing; the initial scaling is
-    $\gamma = s^\top y / y^\top y$ of the most recent pair.
+    Fields are named as the `shine_bilevel` arguments they come from.
     """
-    s, y, rho, last = _memory(lbfgs)
-    m = rho.shape[0]
-    newest_first = (last - jnp.arange(m)) % m
 
-    def first(q, i):
-        alpha = rho[i] * jnp.dot(s[i], q)
-        return q - alpha * y[i], alpha
+    @abc.abstractmethod
+    def after_inner_step(
+        self,
+        step: Int[Array, ""],
+        w: Float[Array, " d"],
+        opt_state: Any,
+        losses: _Losses,
+    ) -> Any:
+        """The inner optimizer's state after its `step`-th step (from 1) at `w`."""
 
-    q, alphas = jax.lax.scan(first, d, newest_first)
-    sy, yy = jnp.dot(s[last], y[last]), jnp.dot(y[last], y[last])
-    gamma = jnp.where((sy > 0) & (yy > 0), sy / jnp.where(yy > 0, yy, 1), 1.0)
-
-    def second(r, i_alpha):
-        i, alpha = i_alpha
-        beta = rho[i] * jnp.dot(y[i], r)
-        return r + (alpha - beta) * s[i], None
-
-    r, _ = jax.lax.scan(second, gamma * q, (newest_first, alphas), reverse=True)
-    return r
+    @abc.abstractmethod
+    def solve(
+        self,
+        w: Float[Array, " d"],
+        opt_state: Any,
+        outer_grad: Float[Array, " d"],
+        losses: _Losses,
+    ) -> Float[Array, " d"]:
+        r"""$v$ at the inner solution `w`, whose solver state is `opt_state`."""
 
 
-def _add_pair(
-    lbfgs: optax.ScaleByLBFGSState, s: Array, y: Array, unravel: Callable
-) -> optax.ScaleByLBFGSState:
-    """Insert the curvature pair (s, y) as the most recent one of the memory."""
-    m = lbfgs.weights_memory.shape[0]
-    slot = (lbfgs.count - 1) % m
-    sy = jnp.dot(s, y)
-    ok = sy > jnp.finfo(s.dtype).eps * jnp.linalg.norm(s) * jnp.linalg.norm(y)
-    weight = jnp.where(ok, 1 / jnp.where(ok, sy, 1), 0).astype(
-        lbfgs.weights_memory.dtype
-    )
+class _AbstractAfterSolve(_AbstractHypergradientMethod):
+    """A method that leaves the inner solve alone (every one but OPA)."""
 
-    def put(memory, row):
-        return jax.tree.map(
-            lambda mem, r: mem.at[slot].set(jnp.where(ok, r, mem[slot])),
-            memory,
-            unravel(row),
+    def after_inner_step(self, step, w, opt_state, losses):
+        del step, w, losses
+        return opt_state
+
+
+def _shine(opt_state: Any, outer_grad: Float[Array, " d"]) -> Float[Array, " d"]:
+    """The L-BFGS inverse of the inner solve applied to the outer gradient."""
+    return _lbfgs.LBFGSInverse.from_state(_lbfgs.find_state(opt_state)).mv(outer_grad)
+
+
+class _Shine(_AbstractAfterSolve):
+    """`"shine"`: the two-loop recursion over the inner solver's own memory."""
+
+    def solve(self, w, opt_state, outer_grad, losses):
+        del w, losses
+        return _shine(opt_state, outer_grad)
+
+
+class _ShineOPA(_AbstractHypergradientMethod):
+    """`"shine_opa"`: every `opa_every` steps, the pair $(d, H d)$ with $d$ the
+    current inverse estimate of the outer gradient joins the memory."""
+
+    opa_every: int = eqx.field(static=True)
+
+    def after_inner_step(self, step, w, opt_state, losses):
+        def add_pair():
+            lbfgs = _lbfgs.find_state(opt_state)
+            d = _lbfgs.LBFGSInverse.from_state(lbfgs).mv(losses.outer_grad(w))
+            lbfgs = _lbfgs.add_pair(lbfgs, d, losses.hvp(w, d))
+            return _lbfgs.replace_state(opt_state, lbfgs)
+
+        return jax.lax.cond(step % self.opa_every == 0, add_pair, lambda: opt_state)
+
+    def solve(self, w, opt_state, outer_grad, losses):
+        del w, losses
+        return _shine(opt_state, outer_grad)
+
+
+class _ShineRefine(_AbstractAfterSolve):
+    """`"shine_refine"`: exactly `refine_steps` CG steps from the SHINE estimate,
+    preconditioned by the same L-BFGS inverse."""
+
+    refine_steps: int = eqx.field(static=True)
+
+    def solve(self, w, opt_state, outer_grad, losses):
+        inverse = _lbfgs.LBFGSInverse.from_state(_lbfgs.find_state(opt_state))
+        v = inverse.mv(outer_grad)
+        if not self.refine_steps:
+            return v
+        return _conjugate_gradient(
+            lambda u: losses.hvp(w, u),
+            outer_grad,
+            v,
+            self.refine_steps,
+            0.0,
+            precondition=inverse.mv,
         )
 
-    return lbfgs._replace(
-        count=lbfgs.count + ok.astype(lbfgs.count.dtype),
-        diff_params_memory=put(lbfgs.diff_params_memory, s),
-        diff_updates_memory=put(lbfgs.diff_updates_memory, y),
-        weights_memory=lbfgs.weights_memory.at[slot].set(
-            jnp.where(ok, weight, lbfgs.weights_memory[slot])
-        ),
-    )
+
+class _Implicit(_AbstractAfterSolve):
+    r"""`"implicit"`: CG from zero until $\|H v - \nabla_w g\| \le$ `implicit_tol`
+    $\|\nabla_w g\|$, at most `implicit_max_steps` steps."""
+
+    implicit_tol: float | Array
+    implicit_max_steps: int = eqx.field(static=True)
+
+    def solve(self, w, opt_state, outer_grad, losses):
+        del opt_state
+        return _conjugate_gradient(
+            lambda u: losses.hvp(w, u),
+            outer_grad,
+            jnp.zeros_like(outer_grad),
+            self.implicit_max_steps,
+            self.implicit_tol,
+        )
+
+
+class _JacobianFree(_AbstractAfterSolve):
+    r"""`"jacobian_free"`: $v = \nabla_w g$ (the inverse replaced by the identity)."""
+
+    def solve(self, w, opt_state, outer_grad, losses):
+        del w, opt_state, losses
+        return outer_grad
 
 
 def _conjugate_gradient(hvp, b, x0, max_steps, tol, precondition=None):
@@ -150,6 +211,106 @@ def _conjugate_gradient(hvp, b, x0, max_steps, tol, precondition=None):
 
     _, x, _, _, _ = jax.lax.while_loop(cond, body, (0, x0, r, z, jnp.dot(r, z)))
     return x
+
+
+_METHODS: dict[str, type[_AbstractHypergradientMethod]] = {
+    "shine": _Shine,
+    "shine_opa": _ShineOPA,
+    "shine_refine": _ShineRefine,
+    "implicit": _Implicit,
+    "jacobian_free": _JacobianFree,
+}
+
+
+def _method(name: Any, **arguments: Any) -> _AbstractHypergradientMethod:
+    """The strategy `name` names, built from the factory arguments it has fields for."""
+    cls = _METHODS[check_choice(name, "method", tuple(_METHODS))]
+    return cls(**{f.name: arguments[f.name] for f in dataclasses.fields(cls)})
+
+
+# ------------------------------------------------------------------ the solve ------
+
+
+def _inner_solve(
+    optimizer: optax.GradientTransformationExtraArgs,
+    method: _AbstractHypergradientMethod,
+    losses: _Losses,
+    value_fn: Callable[[PyTree], Array],
+    w0: PyTree,
+    tol: Array,
+    max_steps: int,
+) -> tuple[Array, Any, Array, Array]:
+    r"""L-BFGS from `w0` until $\|\nabla_w f\| \le$ `tol` or `max_steps`.
+
+    Returns the flat solution, the optimizer's state, the gradient there and the
+    number of steps.
+    """
+    w0_flat, unravel = ravel_pytree(w0)
+    value_and_grad = jax.value_and_grad(lambda wf: value_fn(unravel(wf)))
+    # optax.lbfgs's line search keeps the value and gradient at the point it
+    # accepts: reuse them (as optax.value_and_grad_from_state does).
+    opt_state0 = optimizer.init(w0)
+    reuse = all(optax.tree.get(opt_state0, k) is not None for k in ("value", "grad"))
+
+    def cond(c):
+        _, _, _, grad, k = c
+        return (k < max_steps) & (jnp.linalg.norm(grad) > tol)
+
+    def body(c):
+        wf, opt_state, value, grad, k = c
+        updates, opt_state = optimizer.update(
+            unravel(grad),
+            opt_state,
+            unravel(wf),
+            value=value,
+            grad=unravel(grad),
+            value_fn=value_fn,
+        )
+        wf = wf + ravel_pytree(updates)[0]
+        if reuse:
+            value = optax.tree.get(opt_state, "value")
+            grad = ravel_pytree(optax.tree.get(opt_state, "grad"))[0]
+        else:
+            value, grad = value_and_grad(wf)
+        opt_state = method.after_inner_step(k + 1, wf, opt_state, losses)
+        return wf, opt_state, value, grad, k + 1
+
+    value0, grad0 = value_and_grad(w0_flat)
+    carry = (w0_flat, opt_state0, value0, grad0, jnp.zeros((), jnp.int32))
+    w, opt_state, _, grad, steps = jax.lax.while_loop(cond, body, carry)
+    return w, opt_state, grad, steps
+
+
+def _check_losses(inner_loss, outer_loss, inner_init, hparams, kwargs) -> None:
+    """Both losses accept (inner_init, hparams, **kwargs) and return float scalars."""
+    check_float_tree(hparams, "params (the hyperparameters)")
+    for name, fn in (("inner_loss", inner_loss), ("outer_loss", outer_loss)):
+        try:
+            out = jax.eval_shape(
+                lambda w, h, f=fn: f(w, h, **kwargs), inner_init, hparams
+            )
+        except Exception as e:  # noqa: BLE001 - re-raised with context
+            raise ValueError(
+                f"{name}(inner_init, params) failed; do inner_init "
+                f"{describe(inner_init)} and the hyperparameters "
+                f"{describe(hparams)} match the losses? ({e})"
+            ) from e
+        if getattr(out, "shape", None) != () or not jnp.issubdtype(
+            out.dtype, jnp.floating
+        ):
+            raise ValueError(f"{name} must return a float scalar, got {describe(out)}")
+
+
+def _check_tol(value: Any, name: str) -> Any:
+    """A positive float; a traced scalar (`inject_hyperparams` under `jit`) as is."""
+    if isinstance(value, (jax.Array, np.ndarray)) and np.ndim(value) == 0:
+        if not is_concrete(value):
+            return value
+        value = np.asarray(value).item()
+    return check_float(value, name)
+
+
+# ------------------------------------------------------------------ the factory ----
 
 
 def shine_bilevel(
@@ -242,51 +403,28 @@ def shine_bilevel(
     <https://arxiv.org/abs/2106.00553>; Pedregosa, *Hyperparameter optimization
     with approximate gradient*, ICML 2016 (HOAG).
     """
-    if not callable(inner_loss):
-        raise TypeError(f"inner_loss must be a callable, got {inner_loss!r}")
-    if not callable(outer_loss):
-        raise TypeError(f"outer_loss must be a callable, got {outer_loss!r}")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    form = "(w, hparams, **extra) -> scalar"
+    check_callable(inner_loss, "inner_loss", form)
+    check_callable(outer_loss, "outer_loss", form)
+    check_float_tree(inner_init, "inner_init")
+    if not callable(inner_tol):
+        inner_tol = _check_tol(inner_tol, "inner_tol")
     inner_max_steps = check_int(inner_max_steps, "inner_max_steps", 1)
-    opa_every = check_int(opa_every, "opa_every", 1)
-    refine_steps = check_int(refine_steps, "refine_steps", 0)
-    implicit_max_steps = check_int(implicit_max_steps, "implicit_max_steps", 1)
-    if not callable(inner_tol) and not (
-        isinstance(inner_tol, (int, float)) and inner_tol > 0
-    ):
-        raise ValueError(
-            f"inner_tol must be a positive float or a schedule, got {inner_tol!r}"
-        )
-    _check_floats(inner_init, "inner_init")
+    strategy = _method(
+        method,
+        opa_every=check_int(opa_every, "opa_every", 1),
+        refine_steps=check_int(refine_steps, "refine_steps", 0),
+        implicit_tol=_check_tol(implicit_tol, "implicit_tol"),
+        implicit_max_steps=check_int(implicit_max_steps, "implicit_max_steps", 1),
+    )
     optimizer = (
         optax.lbfgs(memory_size=30) if inner_optimizer is None else inner_optimizer
     )
-    _lbfgs_state(optimizer.init(inner_init))  # raises if there is no L-BFGS in it
-
-    def check(hparams, extra):
-        _check_floats(hparams, "params (the hyperparameters)")
-        for name, fn in (("inner_loss", inner_loss), ("outer_loss", outer_loss)):
-            try:
-                out = jax.eval_shape(
-                    lambda w, h, f=fn: f(w, h, **extra), inner_init, hparams
-                )
-            except Exception as e:  # noqa: BLE001 - re-raised with context
-                raise ValueError(
-                    f"{name}(inner_init, params) failed; do inner_init "
-                    f"{_describe(inner_init)} and the hyperparameters "
-                    f"{_describe(hparams)} match the losses? ({e})"
-                ) from e
-            if getattr(out, "shape", None) != () or not jnp.issubdtype(
-                out.dtype, jnp.floating
-            ):
-                raise ValueError(
-                    f"{name} must return a float scalar, got {_describe(out)}"
-                )
+    _lbfgs.find_state(optimizer.init(inner_init))  # raises if there is no L-BFGS
 
     def init_fn(params: PyTree) -> BilevelState:
         # The losses may need update's keyword arguments: they are checked there.
-        _check_floats(params, "params (the hyperparameters)")
+        check_float_tree(params, "params (the hyperparameters)")
         return BilevelState(
             count=jnp.zeros((), jnp.int32),
             inner_params=inner_init,
@@ -298,129 +436,45 @@ def shine_bilevel(
 
     def update_fn(updates, state, params=None, **extra_args):
         require_params(params, "shine_bilevel")
-        check(params, extra_args)
+        kwargs = extra_args
+        _check_losses(inner_loss, outer_loss, inner_init, params, kwargs)
         w0 = jax.tree.map(jnp.asarray, state.inner_params)
-        w0_flat, unravel = ravel_pytree(w0)
+        unravel = ravel_pytree(w0)[1]
         tol = inner_tol(state.count) if callable(inner_tol) else inner_tol
-        tol = jnp.asarray(tol, w0_flat.dtype)
+        tol = jnp.asarray(tol, ravel_pytree(w0)[0].dtype)
 
         def f(wf, h):
-            return inner_loss(unravel(wf), h, **extra_args)
+            return inner_loss(unravel(wf), h, **kwargs)
 
         def g(wf, h):
-            return outer_loss(unravel(wf), h, **extra_args)
+            return outer_loss(unravel(wf), h, **kwargs)
 
-        value_and_grad = jax.value_and_grad(lambda wf: f(wf, params))
-        grad_outer = jax.grad(lambda wf: g(wf, params))
-
-        def hvp(wf, v):
-            return jax.jvp(jax.grad(lambda u: f(u, params)), (wf,), (v,))[1]
-
-        def inner_update(grad, opt_state, wf, value):
-            updates, opt_state = optimizer.update(
-                unravel(grad),
-                opt_state,
-                unravel(wf),
-                value=value,
-                grad=unravel(grad),
-                value_fn=lambda w: inner_loss(w, params, **extra_args),
-            )
-            return wf + ravel_pytree(updates)[0], opt_state
-
-        def add_opa_pair(wf, opt_state):
-            lbfgs = _lbfgs_state(opt_state)
-            d = lbfgs_inverse_hessian(lbfgs, grad_outer(wf))
-            lbfgs = _add_pair(lbfgs, d, hvp(wf, d), lambda r: unravel(r))
-            return _replace_lbfgs_state(opt_state, lbfgs)
-
-        value0, grad0 = value_and_grad(w0_flat)
-        carry = (w0_flat, optimizer.init(w0), value0, grad0, jnp.zeros((), jnp.int32))
-
-        def cond(c):
-            _, _, _, grad, k = c
-            return (k < inner_max_steps) & (jnp.linalg.norm(grad) > tol)
-
-        # optax.lbfgs's line search keeps the value and gradient at the point it
-        # accepts: reuse them (as optax.value_and_grad_from_state does).
-        stored = [
-            optax.tree_utils.tree_get(optimizer.init(w0), k) for k in ("value", "grad")
-        ]
-        reuse = all(x is not None for x in stored)
-
-        def body(c):
-            wf, opt_state, value, grad, k = c
-            wf, opt_state = inner_update(grad, opt_state, wf, value)
-            if reuse:
-                value = optax.tree_utils.tree_get(opt_state, "value")
-                grad = ravel_pytree(optax.tree_utils.tree_get(opt_state, "grad"))[0]
-            else:
-                value, grad = value_and_grad(wf)
-            if method == "shine_opa":
-                opt_state = jax.lax.cond(
-                    (k + 1) % opa_every == 0,
-                    lambda: add_opa_pair(wf, opt_state),
-                    lambda: opt_state,
-                )
-            return wf, opt_state, value, grad, k + 1
-
-        w_flat, opt_state, _, grad, steps = jax.lax.while_loop(cond, body, carry)
-        gw = grad_outer(w_flat)
-        if method == "jacobian_free":
-            v = gw
-        elif method == "implicit":
-            v = _conjugate_gradient(
-                lambda u: hvp(w_flat, u),
-                gw,
-                jnp.zeros_like(gw),
-                implicit_max_steps,
-                implicit_tol,
-            )
-        else:
-            lbfgs = _lbfgs_state(opt_state)
-            v = lbfgs_inverse_hessian(lbfgs, gw)
-            if method == "shine_refine" and refine_steps:
-                # Conjugate gradient preconditioned by the same L-BFGS inverse,
-                # started from the SHINE estimate.
-                v = _conjugate_gradient(
-                    lambda u: hvp(w_flat, u),
-                    gw,
-                    v,
-                    refine_steps,
-                    0.0,
-                    precondition=lambda r: lbfgs_inverse_hessian(lbfgs, r),
-                )
-        grad_h = jax.grad(lambda h: g(w_flat, h))(params)
-        _, mixed_vjp = jax.vjp(lambda h: jax.grad(f)(w_flat, h), params)
+        losses = _Losses(
+            inner_grad=jax.grad(lambda wf: f(wf, params)),
+            outer_grad=jax.grad(lambda wf: g(wf, params)),
+        )
+        w, opt_state, grad, steps = _inner_solve(
+            optimizer,
+            strategy,
+            losses,
+            lambda w: inner_loss(w, params, **kwargs),
+            w0,
+            tol,
+            inner_max_steps,
+        )
+        v = strategy.solve(w, opt_state, losses.outer_grad(w), losses)
+        grad_h = jax.grad(lambda h: g(w, h))(params)
+        _, mixed_vjp = jax.vjp(lambda h: jax.grad(f)(w, h), params)
         (mixed,) = mixed_vjp(v)
         hypergrad = jax.tree.map(lambda a, b: a - b, grad_h, mixed)
         new_state = BilevelState(
             count=state.count + 1,
-            inner_params=unravel(w_flat),
+            inner_params=unravel(w),
             inner_steps=steps,
             inner_grad_norm=jnp.linalg.norm(grad).astype(jnp.float32),
             inner_converged=jnp.linalg.norm(grad) <= tol,
-            hypergrad_norm=optax.tree.norm(hypergrad).astype(jnp.float32),
+            hypergrad_norm=global_norm_f32(hypergrad),
         )
-        new_updates = jax.tree.map(
-            lambda u, e: (u + e).astype(jnp.result_type(u)), updates, hypergrad
-        )
-        return new_updates, new_state
+        return add_to_updates(updates, hypergrad), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _describe(tree: PyTree) -> str:
-    return str(
-        jax.tree.map(lambda a: f"{jnp.result_type(a)}{list(jnp.shape(a))}", tree)
-    )
-
-
-def _check_floats(tree: PyTree, name: str) -> None:
-    leaves = jax.tree.leaves(tree)
-    if not leaves or not all(
-        jnp.issubdtype(jnp.result_type(a), jnp.floating) for a in leaves
-    ):
-        raise TypeError(
-            f"{name} must be a non-empty pytree of float arrays, got "
-            f"{_describe(tree) if leaves else tree!r}"
-        )

@@ -13,8 +13,10 @@ the inner problem (calling the method's hook after every L-BFGS step, where OPA 
 its secant pairs), asks the method for $v$, and forms $\nabla F$ with one gradient
 and one vector-Jacobian product.
 
-The linear solves of `shine_refine` and `implicit` are a preconditioned conjugate
-gradient on Hessian-vector products.
+The linear solves of `shine_refine` and `implicit` are lineax's `CG` on the
+Hessian operator (the Jacobian of $\nabla_w f$, linearised once so that each
+Hessian-vector product reuses the primal computation), preconditioned by the L-BFGS
+inverse for `shine_refine`.
 """
 
 import abc
@@ -25,6 +27,7 @@ from typing import Any, Literal, NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import lineax as lx
 import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
@@ -69,6 +72,14 @@ class _Losses(eqx.Module):
     def hvp(self, w: Float[Array, " d"], v: Float[Array, " d"]) -> Float[Array, " d"]:
         r"""$\nabla^2_w f(w, h) v$ (forward over reverse)."""
         return jax.jvp(self.inner_grad, (w,), (v,))[1]
+
+    def hessian(self, w: Float[Array, " d"]) -> lx.AbstractLinearOperator:
+        r"""$\nabla^2_w f(w, h)$ as a symmetric positive definite lineax operator."""
+        return lx.JacobianLinearOperator(
+            lambda u, _: self.inner_grad(u),
+            w,
+            tags=(lx.symmetric_tag, lx.positive_semidefinite_tag),
+        )
 
 
 class _AbstractHypergradientMethod(eqx.Module):
@@ -141,7 +152,8 @@ class _ShineOPA(_AbstractHypergradientMethod):
 
 class _ShineRefine(_AbstractAfterSolve):
     """`"shine_refine"`: exactly `refine_steps` CG steps from the SHINE estimate,
-    preconditioned by the same L-BFGS inverse."""
+    preconditioned by the same L-BFGS inverse (the SHINE estimate if they break
+    down)."""
 
     refine_steps: int = eqx.field(static=True)
 
@@ -150,32 +162,31 @@ class _ShineRefine(_AbstractAfterSolve):
         v = inverse.mv(outer_grad)
         if not self.refine_steps:
             return v
-        return _conjugate_gradient(
-            lambda u: losses.hvp(w, u),
-            outer_grad,
-            v,
-            self.refine_steps,
-            0.0,
-            precondition=inverse.mv,
-        )
+        # rtol = atol = 0: no stopping rule but the step count.
+        solver = lx.CG(rtol=0.0, atol=0.0, max_steps=self.refine_steps)
+        options = {"y0": v, "preconditioner": inverse.as_operator()}
+        refined = _solve(losses.hessian(w), outer_grad, solver, options)
+        # A breakdown (lineax's CG turns a vanishing curvature into NaN) keeps v.
+        return jnp.where(jnp.all(jnp.isfinite(refined)), refined, v)
 
 
 class _Implicit(_AbstractAfterSolve):
     r"""`"implicit"`: CG from zero until $\|H v - \nabla_w g\| \le$ `implicit_tol`
-    $\|\nabla_w g\|$, at most `implicit_max_steps` steps."""
+    $\|\nabla_w g\|$ (and the last step is as small), at most `implicit_max_steps`."""
 
     implicit_tol: float | Array
     implicit_max_steps: int = eqx.field(static=True)
 
     def solve(self, w, opt_state, outer_grad, losses):
         del opt_state
-        return _conjugate_gradient(
-            lambda u: losses.hvp(w, u),
-            outer_grad,
-            jnp.zeros_like(outer_grad),
-            self.implicit_max_steps,
-            self.implicit_tol,
+        scale = jnp.maximum(jnp.linalg.norm(outer_grad), jnp.finfo(w.dtype).tiny)
+        solver = lx.CG(
+            rtol=0.0,
+            atol=self.implicit_tol * scale,
+            norm=jnp.linalg.norm,
+            max_steps=self.implicit_max_steps,
         )
+        return _solve(losses.hessian(w), outer_grad, solver, {})
 
 
 class _JacobianFree(_AbstractAfterSolve):
@@ -186,31 +197,9 @@ class _JacobianFree(_AbstractAfterSolve):
         return outer_grad
 
 
-def _conjugate_gradient(hvp, b, x0, max_steps, tol, precondition=None):
-    """Solve H x = b (H symmetric positive definite) from x0, optionally with a
-    symmetric positive definite preconditioner (an approximation of H^-1)."""
-    precondition = (lambda r: r) if precondition is None else precondition
-    r = b - hvp(x0)
-    z = precondition(r)
-    bound = tol * jnp.maximum(jnp.linalg.norm(b), jnp.finfo(b.dtype).tiny)
-
-    def cond(c):
-        k, _, r, _, _ = c
-        return (k < max_steps) & (jnp.linalg.norm(r) > bound)
-
-    def body(c):
-        k, x, r, p, rz = c
-        hp = hvp(p)
-        alpha = rz / jnp.dot(p, hp)
-        x = x + alpha * p
-        r = r - alpha * hp
-        z = precondition(r)
-        rz_new = jnp.dot(r, z)
-        p = z + (rz_new / rz) * p
-        return k + 1, x, r, p, rz_new
-
-    _, x, _, _, _ = jax.lax.while_loop(cond, body, (0, x0, r, z, jnp.dot(r, z)))
-    return x
+def _solve(operator, vector, solver, options) -> Array:
+    """A lineax solve that returns its last iterate when it runs out of steps."""
+    return lx.linear_solve(operator, vector, solver, options=options, throw=False).value
 
 
 _METHODS: dict[str, type[_AbstractHypergradientMethod]] = {

@@ -24,6 +24,7 @@ import optax
 import pytest
 
 import optax_pes
+from optax_pes._es._config import stagger_offsets
 
 SHAPES = {"a": (3,), "b": (2, 2), "c": ()}
 TARGET = {
@@ -107,14 +108,26 @@ def _window(config):
     return config.horizon if config.name == "full_es" else K
 
 
+def _offsets(config):
+    """Each group's phase at the first update (its stagger offset)."""
+    groups = NUM_PARTICLES // (1 if config.name == "tbptt" else 2)
+    if config.name == "tbptt":
+        groups = 2 if config.stagger else 1
+    return stagger_offsets(groups, config.horizon, _window(config), config.stagger)
+
+
 def _first_losses(config, params):
-    """The losses of the first window of an unperturbed episode (run op by op)."""
+    """The losses of every group's first window, unperturbed (run op by op): a
+    staggered group's window starts at its offset, burned in from the episode's
+    start."""
     system = _system(config.horizon)
-    state = system.init(params, None)
     losses = []
-    for _ in range(_window(config)):
-        state, loss = system.step(params, state, None)
-        losses.append(float(loss))
+    for offset in _offsets(config):
+        state = system.init(params, None)
+        for t in range(int(offset) + _window(config)):
+            state, loss = system.step(params, state, None)
+            if t >= offset:
+                losses.append(float(loss))
     return losses
 
 
@@ -199,10 +212,12 @@ def test_jit_update_keeps_params_structure(config):
     assert any(np.any(u != 0) for u in jax.tree.leaves(updates))
     # The state keeps its structure, shapes and dtypes (weak types included).
     assert _avals(new_state) == _avals(state)
-    # The int32 step counter is carried: every particle took one window of steps.
+    # The int32 step counter is carried: every particle took one window of steps
+    # from its group's phase (its stagger offset; no episode ends in this window).
     step = new_state.inner_state["step"]
     assert step.dtype == jnp.int32
-    np.testing.assert_array_equal(step, _window(config))
+    expected = _offsets(config) + _window(config)
+    np.testing.assert_array_equal(step, np.tile(expected, step.size // expected.size))
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -294,8 +309,8 @@ def test_diagnostics_readable_from_state(config):
             diagnostics.estimate_norm, optax.tree.norm(updates), rtol=1e-5
         )
         if count == 1:
-            # Every particle starts its first episode in the first window, at theta
-            # (staggering shortens the first episode, it does not skip its start).
+            # The unstaggered particles start their first episode in the first
+            # window, at theta; staggered ones were burned in to their offsets.
             assert int(diagnostics.num_resets) > 0
             expected = np.mean(_first_losses(config, params))
             # Perturbed particles' losses are a little higher on a convex loss.

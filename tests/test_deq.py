@@ -418,14 +418,14 @@ def test_shine_needs_an_inverse_estimate(solver):
 @pytest.mark.parametrize(
     "make, match",
     [
-        (lambda: optax_pes.Broyden(max_steps=0), "max_steps must be a positive int"),
+        (lambda: optax_pes.Broyden(max_steps=0), "max_steps must be an int >= 1"),
         (lambda: optax_pes.Broyden(tol=0.0), "tol must be a positive float"),
         (lambda: optax_pes.Broyden(tol=-1e-3), "tol must be a positive float"),
-        (lambda: optax_pes.Broyden(memory=0), "memory must be a positive int"),
-        (lambda: optax_pes.Anderson(memory=-1), "memory must be a positive int"),
+        (lambda: optax_pes.Broyden(memory=0), "memory must be an int >= 1"),
+        (lambda: optax_pes.Anderson(memory=-1), "memory must be an int >= 1"),
         (lambda: optax_pes.Anderson(damping=0.0), "damping must be a float in"),
         (lambda: optax_pes.Anderson(ridge=-1.0), "ridge must be a float >= 0"),
-        (lambda: optax_pes.FixedPoint(max_steps=-5), "max_steps must be a positive"),
+        (lambda: optax_pes.FixedPoint(max_steps=-5), "max_steps must be an int >= 1"),
         (lambda: optax_pes.Shine(refine_steps=-1), "refine_steps must be an int >= 0"),
         (lambda: optax_pes.Shine(fallback_threshold=0.0), "fallback_threshold"),
         (lambda: optax_pes.Shine(refine_solver="cg"), "refine_solver must be"),

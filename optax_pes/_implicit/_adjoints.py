@@ -23,6 +23,7 @@ import lineax as lx
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, PyTree
 
+from optax_pes._checks import check_choice, check_float, check_int
 from optax_pes._implicit._flat import FlatFn, flat_layer
 from optax_pes._implicit._solvers import AbstractSolver, LowRankInverse
 from optax_pes._tree import stop_gradient
@@ -79,10 +80,8 @@ class Phantom(AbstractAdjoint):
     needs_inverse = False
 
     def __check_init__(self):
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
-            raise ValueError(f"k must be an int >= 1, got {self.k!r}")
-        if not isinstance(self.damping, (int, float)) or not 0 < self.damping <= 1:
-            raise ValueError(f"damping must be a float in (0, 1], got {self.damping!r}")
+        check_int(self.k, "k", 1)
+        check_float(self.damping, "damping", high=1.0)
 
     def output(self, fn, x, z_star, inverse):
         z = z_star
@@ -143,26 +142,9 @@ class Shine(_AbstractCotangentAdjoint):
     needs_inverse = True
 
     def __check_init__(self):
-        if (
-            isinstance(self.refine_steps, bool)
-            or not isinstance(self.refine_steps, int)
-            or self.refine_steps < 0
-        ):
-            raise ValueError(
-                f"refine_steps must be an int >= 0, got {self.refine_steps!r}"
-            )
-        if not isinstance(self.fallback_threshold, (int, float)) or not (
-            self.fallback_threshold > 0
-        ):
-            raise ValueError(
-                "fallback_threshold must be a positive float, got "
-                f"{self.fallback_threshold!r}"
-            )
-        if self.refine_solver not in ("fixed_point", "gmres"):
-            raise ValueError(
-                "refine_solver must be 'fixed_point' or 'gmres', got "
-                f"{self.refine_solver!r}"
-            )
+        check_int(self.refine_steps, "refine_steps", 0)
+        check_float(self.fallback_threshold, "fallback_threshold")
+        check_choice(self.refine_solver, "refine_solver", ("fixed_point", "gmres"))
 
     def cotangent(self, layer, z_star, inverse, grad):
         w = -inverse.rmv(grad)
@@ -188,7 +170,7 @@ def _check_linear_solver(value: Any) -> Any:
     if not isinstance(value, lx.AbstractLinearSolver):
         if not (isinstance(value, str) and value in ("gmres", "fixed_point")):
             raise ValueError(
-                "linear_solver must be 'gmres', 'fixed_point' or a "
+                "linear_solver must be one of ('gmres', 'fixed_point') or a "
                 f"lineax.AbstractLinearSolver, got {value!r}"
             )
         return value
@@ -226,16 +208,8 @@ class Implicit(_AbstractCotangentAdjoint):
     needs_inverse = False
 
     def __check_init__(self):
-        if (
-            isinstance(self.max_steps, bool)
-            or not isinstance(self.max_steps, int)
-            or self.max_steps <= 0
-        ):
-            raise ValueError(
-                f"max_steps must be a positive int, got {self.max_steps!r}"
-            )
-        if not isinstance(self.tol, (int, float)) or not self.tol > 0:
-            raise ValueError(f"tol must be a positive float, got {self.tol!r}")
+        check_int(self.max_steps, "max_steps", 1)
+        check_float(self.tol, "tol")
 
     def cotangent(self, layer, z_star, inverse, grad):
         _, vjp = jax.vjp(layer, z_star)

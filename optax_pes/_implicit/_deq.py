@@ -8,14 +8,11 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import PyTree
 
+from optax_pes._checks import check_callable, check_same_structure, describe
 from optax_pes._implicit._adjoints import AbstractAdjoint, Shine
 from optax_pes._implicit._flat import flat_layer
 from optax_pes._implicit._solvers import AbstractSolver, Broyden, SolveInfo, solve
 from optax_pes._tree import stop_gradient
-
-
-def _describe(tree: PyTree) -> str:
-    return str(jax.tree.map(lambda a: f"{jnp.dtype(a.dtype)}{list(a.shape)}", tree))
 
 
 class DEQ(eqx.Module):
@@ -78,9 +75,7 @@ class DEQ(eqx.Module):
         solver: AbstractSolver | None = None,
         adjoint: AbstractAdjoint | None = None,
     ):
-        if not callable(fn):
-            raise TypeError(f"fn must be a callable fn(z, x) -> z, got {fn!r}")
-        self.fn = fn
+        self.fn = check_callable(fn, "fn", "fn(z, x) -> z")
         self.solver = Broyden() if solver is None else solver
         self.adjoint = Shine() if adjoint is None else adjoint
 
@@ -124,18 +119,17 @@ class DEQ(eqx.Module):
         ):
             raise TypeError(
                 "z0 must be a non-empty pytree of floating-point arrays, got "
-                f"{_describe(z0) if leaves else z0!r}"
+                f"{describe(z0) if leaves else z0!r}"
             )
         try:
             out = jax.eval_shape(self.fn, z0, x)
         except Exception as e:  # noqa: BLE001 - re-raised with context
-            raise ValueError(f"fn(z0, x) failed for z0 {_describe(z0)}: {e}") from e
-        same = jax.tree.structure(out) == jax.tree.structure(z0) and all(
-            o.shape == z.shape and o.dtype == z.dtype
-            for o, z in zip(jax.tree.leaves(out), leaves, strict=True)
-        )
-        if not same:
-            raise ValueError(
+            raise ValueError(f"fn(z0, x) failed for z0 {describe(z0)}: {e}") from e
+        check_same_structure(
+            out,
+            z0,
+            lambda expected, got: (
                 "fn(z, x) must return the structure, shapes and dtypes of z0: z0 is "
-                f"{_describe(z0)}, fn(z0, x) gave {_describe(out)}"
-            )
+                f"{expected}, fn(z0, x) gave {got}"
+            ),
+        )

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from optax_pes._checks import check_float, check_int
 from optax_pes._implicit._flat import FlatFn
 
 # Stop when the best residual has not improved for this many steps...
@@ -56,23 +57,6 @@ class LowRankInverse(eqx.Module):
         return -jnp.eye(d, dtype=self.u.dtype) + self.u.T @ self.v
 
 
-def _check_common(max_steps: Any, tol: Any) -> None:
-    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps <= 0:
-        raise ValueError(f"max_steps must be a positive int, got {max_steps!r}")
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
-        raise ValueError(f"tol must be a positive float, got {tol!r}")
-
-
-def _check_memory(memory: Any) -> None:
-    if isinstance(memory, bool) or not isinstance(memory, int) or memory <= 0:
-        raise ValueError(f"memory must be a positive int, got {memory!r}")
-
-
-def _check_damping(damping: Any) -> None:
-    if not isinstance(damping, (int, float)) or not 0 < damping <= 1:
-        raise ValueError(f"damping must be a float in (0, 1], got {damping!r}")
-
-
 class AbstractSolver(eqx.Module):
     """A fixed-point solver: `init` and `step` on a solver state holding `z`, `g`."""
 
@@ -95,6 +79,11 @@ class AbstractSolver(eqx.Module):
     def inverse(self, state: Any) -> LowRankInverse | None:
         """The inverse-Jacobian estimate the backward pass may reuse (or None)."""
         return None
+
+    def __check_init__(self):
+        # (Equinox runs every class's __check_init__: the solvers check the rest.)
+        check_int(self.max_steps, "max_steps", 1)
+        check_float(self.tol, "tol")
 
 
 class _Driver(NamedTuple):
@@ -226,8 +215,7 @@ class Broyden(AbstractSolver):
     provides_inverse: ClassVar[bool] = True
 
     def __check_init__(self):
-        _check_common(self.max_steps, self.tol)
-        _check_memory(self.memory)
+        check_int(self.memory, "memory", 1)
 
     def init(self, fn, z0):
         zeros = jnp.zeros((self.memory,) + z0.shape, z0.dtype)
@@ -296,11 +284,9 @@ class Anderson(AbstractSolver):
     ridge: float = eqx.field(static=True, default=1e-4)
 
     def __check_init__(self):
-        _check_common(self.max_steps, self.tol)
-        _check_memory(self.memory)
-        _check_damping(self.damping)
-        if not isinstance(self.ridge, (int, float)) or self.ridge < 0:
-            raise ValueError(f"ridge must be a float >= 0, got {self.ridge!r}")
+        check_int(self.memory, "memory", 1)
+        check_float(self.damping, "damping", high=1.0)
+        check_float(self.ridge, "ridge", low_inclusive=True)
 
     def init(self, fn, z0):
         f0 = fn(z0)
@@ -356,8 +342,7 @@ class FixedPoint(AbstractSolver):
     damping: float = eqx.field(static=True, default=1.0)
 
     def __check_init__(self):
-        _check_common(self.max_steps, self.tol)
-        _check_damping(self.damping)
+        check_float(self.damping, "damping", high=1.0)
 
     def init(self, fn, z0):
         return _FixedPointState(z0, fn(z0) - z0)

@@ -150,11 +150,62 @@ def test_extra_arguments_reach_both_losses(x64):
         return _log_loss(w, X_VAL, Y_VAL) + 0.0 * jnp.sum(x)
 
     tx = optax_pes.shine_bilevel(
-        inner, outer, inner_init=jnp.zeros(30), inner_tol=1e-8, method="implicit"
+        inner,
+        outer,
+        inner_init=jnp.zeros(30),
+        inner_tol=1e-8,
+        method="implicit",
+        loss_kwargs=("x", "y"),
     )
     lam = jnp.asarray(-3.0)
     estimate, _ = tx.update(jnp.zeros(()), tx.init(lam), lam, x=X_TRAIN, y=Y_TRAIN)
     np.testing.assert_allclose(estimate, exact_hypergradient(lam), rtol=1e-6)
+
+
+def test_only_the_named_extra_arguments_reach_the_losses(x64):
+    # optax.chain hands every extra argument to every member: an optax.lbfgs later
+    # in the chain wants value=, which the losses must not receive.
+    seen = []
+
+    def inner(w, lam, **kwargs):
+        seen.append(sorted(kwargs))
+        return inner_loss(w, lam) + 0.0 * jnp.sum(kwargs["x"])
+
+    def outer(w, lam, **kwargs):
+        seen.append(sorted(kwargs))
+        return outer_loss(w, lam)
+
+    tx = optax_pes.shine_bilevel(
+        inner, outer, inner_init=jnp.zeros(30), inner_tol=1e-8, loss_kwargs=["x"]
+    )
+    lam = jnp.asarray(-3.0)
+    estimate, _ = tx.update(
+        jnp.zeros(()), tx.init(lam), lam, x=X_TRAIN, value=1.0, batch=None
+    )
+    assert seen and all(names == ["x"] for names in seen)
+    assert np.isfinite(float(estimate))
+    # Without loss_kwargs, no extra argument reaches them.
+    seen.clear()
+    plain = optax_pes.shine_bilevel(
+        inner_loss,
+        lambda w, lam, **kw: seen.append(kw) or outer_loss(w, lam),
+        inner_init=jnp.zeros(30),
+    )
+    plain.update(jnp.zeros(()), plain.init(lam), lam, x=X_TRAIN, value=1.0)
+    assert seen and all(kw == {} for kw in seen)
+
+
+def test_a_named_extra_argument_missing_at_update_is_an_error():
+    tx = optax_pes.shine_bilevel(
+        inner_loss, outer_loss, inner_init=jnp.zeros(30), loss_kwargs=("x", "y")
+    )
+    lam = jnp.asarray(-3.0)
+    with pytest.raises(ValueError, match="loss_kwargs names 'y'.*got no y="):
+        tx.update(jnp.zeros(()), tx.init(lam), lam, x=X_TRAIN)
+    with pytest.raises(TypeError, match="loss_kwargs must be a sequence"):
+        optax_pes.shine_bilevel(
+            inner_loss, outer_loss, inner_init=jnp.zeros(30), loss_kwargs="x"
+        )
 
 
 def test_inner_solve_hitting_max_steps_is_reported():

@@ -21,7 +21,7 @@ inverse for `shine_refine`.
 
 import abc
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple
 
 import equinox as eqx
@@ -270,6 +270,18 @@ def _inner_solve(
     return w, opt_state, grad, steps
 
 
+def _loss_kwargs(names: tuple[str, ...], extra_args: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of `update` that `loss_kwargs` names."""
+    for name in names:
+        if name not in extra_args:
+            raise ValueError(
+                f"loss_kwargs names {name!r}, but shine_bilevel.update got no {name}= "
+                f"argument (it got {sorted(extra_args) or 'none'}): pass it to "
+                "tx.update, or leave it out of loss_kwargs"
+            )
+    return {name: extra_args[name] for name in names}
+
+
 def _check_losses(inner_loss, outer_loss, inner_init, hparams, kwargs) -> None:
     """Both losses accept (inner_init, hparams, **kwargs) and return float scalars."""
     check_float_tree(hparams, "params (the hyperparameters)")
@@ -299,6 +311,17 @@ def _check_tol(value: Any, name: str) -> Any:
     return check_float(value, name)
 
 
+def _check_names(names: Any) -> tuple[str, ...]:
+    if isinstance(names, str) or not (
+        isinstance(names, Sequence) and all(isinstance(n, str) for n in names)
+    ):
+        raise TypeError(
+            "loss_kwargs must be a sequence of keyword-argument names such as "
+            f"('x', 'y'), got {names!r}"
+        )
+    return tuple(names)
+
+
 # ------------------------------------------------------------------ the factory ----
 
 
@@ -315,6 +338,7 @@ def shine_bilevel(
     refine_steps: int = 5,
     implicit_tol: float = 1e-10,
     implicit_max_steps: int = 200,
+    loss_kwargs: Sequence[str] = (),
 ) -> optax.GradientTransformationExtraArgs:
     r"""Hypergradients of a bi-level problem, reusing the inner L-BFGS memory (SHINE).
 
@@ -343,16 +367,18 @@ def shine_bilevel(
       `implicit_max_steps`): the exact reference (HOAG).
     - `"jacobian_free"`: $v = \nabla_w g$ (the inverse replaced by the identity).
 
-    Extra keyword arguments of `update` (a data batch, say) are passed to both
-    losses. The inner optimizer's memory is rebuilt by every solve (only $w$ is
-    warm-started), so the solve must take a few steps for SHINE to have curvature
-    pairs: a decreasing `inner_tol` (HOAG's schedule) ensures it.
+    The keyword arguments of `update` that `loss_kwargs` names (a data batch, say)
+    are passed to both losses; the others are ignored, since `optax.chain` hands
+    every extra argument to every member. The inner optimizer's memory is rebuilt
+    by every solve (only $w$ is warm-started), so the solve must take a few steps
+    for SHINE to have curvature pairs: a decreasing `inner_tol` (HOAG's schedule)
+    ensures it.
 
     **Arguments:**
 
-    - `inner_loss`: `inner_loss(w, h, **extra) -> scalar` $f$, smooth and strongly
-      convex in $w$ near $w^*$.
-    - `outer_loss`: `outer_loss(w, h, **extra) -> scalar` $g$.
+    - `inner_loss`: `inner_loss(w, h, **loss_kwargs) -> scalar` $f$, smooth and
+      strongly convex in $w$ near $w^*$.
+    - `outer_loss`: `outer_loss(w, h, **loss_kwargs) -> scalar` $g$.
     - `inner_init`: the initial $w$ (a pytree of float arrays).
     - `inner_optimizer`: an optax transformation containing exactly one
       `optax.scale_by_lbfgs`, called with `value`, `grad` and `value_fn` as
@@ -363,6 +389,9 @@ def shine_bilevel(
       reported in `state.inner_converged`).
     - `method`: one of the above.
     - `opa_every`, `refine_steps`, `implicit_tol`, `implicit_max_steps`: as above.
+    - `loss_kwargs`: names of `update`'s keyword arguments to pass to both losses,
+      e.g. `("x", "y")` for `tx.update(updates, state, h, x=xb, y=yb)`; an update
+      without one of them raises a `ValueError`.
 
     **Returns:** an `optax.GradientTransformationExtraArgs` whose state is an
     `optax_pes.BilevelState`.
@@ -392,13 +421,14 @@ def shine_bilevel(
     <https://arxiv.org/abs/2106.00553>; Pedregosa, *Hyperparameter optimization
     with approximate gradient*, ICML 2016 (HOAG).
     """
-    form = "(w, hparams, **extra) -> scalar"
+    form = "(w, hparams, **loss_kwargs) -> scalar"
     check_callable(inner_loss, "inner_loss", form)
     check_callable(outer_loss, "outer_loss", form)
     check_float_tree(inner_init, "inner_init")
     if not callable(inner_tol):
         inner_tol = _check_tol(inner_tol, "inner_tol")
     inner_max_steps = check_int(inner_max_steps, "inner_max_steps", 1)
+    loss_kwargs = _check_names(loss_kwargs)
     strategy = _method(
         method,
         opa_every=check_int(opa_every, "opa_every", 1),
@@ -425,7 +455,7 @@ def shine_bilevel(
 
     def update_fn(updates, state, params=None, **extra_args):
         require_params(params, "shine_bilevel")
-        kwargs = extra_args
+        kwargs = _loss_kwargs(loss_kwargs, extra_args)
         _check_losses(inner_loss, outer_loss, inner_init, params, kwargs)
         w0 = jax.tree.map(jnp.asarray, state.inner_params)
         unravel = ravel_pytree(w0)[1]

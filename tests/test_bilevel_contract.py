@@ -1,0 +1,290 @@
+"""The optax contract of `shine_bilevel` (DESIGN.md section 2), as `test_contract.py`
+checks it for the estimators: unknown keyword arguments accepted, one trace under
+`jit`, inside `optax.chain`, `optax.MultiSteps` and `optax.inject_hyperparams` (with
+static args), float32 and float64 kept, state dtypes stable under `lax.cond`, the
+estimate added to the incoming updates, and `params` required.
+
+The problem is a tiny ridge regression with pytrees on both levels: weights
+`{"a": (4,), "b": ()}` and hyperparameters `{"log_lam": (4,), "log_mu": ()}`.
+Compilation dominates, so the float32 checks share one jitted `update` per method.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_pes
+
+METHODS = ["shine", "shine_opa", "shine_refine", "implicit", "jacobian_free"]
+STRUCTURAL = ["inner_max_steps", "opa_every", "refine_steps", "implicit_max_steps"]
+SETTINGS = dict(inner_tol=1e-4, inner_max_steps=20, opa_every=2, refine_steps=2)
+
+
+def _losses(dtype):
+    """Fresh inner and outer losses on data of `dtype`."""
+    rng = np.random.RandomState(0)
+    x_train, x_val = rng.randn(12, 4), rng.randn(8, 4)
+    w_true = rng.randn(4)
+    y_train = x_train @ w_true + 0.1 * rng.randn(12) + 0.5
+    y_val = x_val @ w_true + 0.1 * rng.randn(8) + 0.5
+    x_train, y_train, x_val, y_val = (
+        jnp.asarray(a, dtype) for a in (x_train, y_train, x_val, y_val)
+    )
+
+    def inner_loss(w, h):
+        r = x_train @ w["a"] + w["b"] - y_train
+        penalty = jnp.sum(jnp.exp(h["log_lam"]) * w["a"] ** 2)
+        return 0.5 * (jnp.mean(r**2) + penalty + jnp.exp(h["log_mu"]) * w["b"] ** 2)
+
+    def outer_loss(w, h):
+        del h
+        return 0.5 * jnp.mean((x_val @ w["a"] + w["b"] - y_val) ** 2)
+
+    return inner_loss, outer_loss
+
+
+def _params(dtype=jnp.float32):
+    return {"log_lam": jnp.full(4, -1.0, dtype), "log_mu": jnp.asarray(-2.0, dtype)}
+
+
+def _inner_init(dtype=jnp.float32):
+    return {"a": jnp.zeros(4, dtype), "b": jnp.zeros((), dtype)}
+
+
+def _make(method, dtype=jnp.float32, **kwargs):
+    inner_loss, outer_loss = _losses(dtype)
+    return optax_pes.shine_bilevel(
+        inner_loss,
+        outer_loss,
+        inner_init=_inner_init(dtype),
+        method=method,
+        **(SETTINGS | kwargs),
+    )
+
+
+def _counting_jit(fn):
+    """`jax.jit(fn)` and a list that grows by one every time `fn` is traced."""
+    traces = []
+
+    def counted(*args):
+        traces.append(None)
+        return fn(*args)
+
+    return jax.jit(counted), traces
+
+
+@functools.cache
+def _jitted(method):
+    """A float32 transformation, its jitted `update` and trace count."""
+    tx = _make(method)
+    update, traces = _counting_jit(tx.update)
+    return tx, update, traces
+
+
+def _zeros(tree):
+    return jax.tree.map(jnp.zeros_like, tree)
+
+
+def _avals(tree):
+    """Structure, then shape, dtype and weak type of every leaf."""
+    return jax.tree.structure(tree), [jax.typeof(x) for x in jax.tree.leaves(tree)]
+
+
+def _assert_finite(tree):
+    for leaf in jax.tree.leaves(tree):
+        assert np.all(np.isfinite(leaf))
+
+
+def _assert_trees_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def _assert_trees_close(actual, desired, rtol=1e-6):
+    assert jax.tree.structure(actual) == jax.tree.structure(desired)
+    for x, y in zip(jax.tree.leaves(actual), jax.tree.leaves(desired), strict=True):
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=1e-7)
+
+
+# ------------------------------------------------------------------ jit, kwargs ----
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_jit_one_trace_and_the_estimate_added(method):
+    tx, update, traces = _jitted(method)
+    params = _params()
+    state = tx.init(params)
+    updates, new_state = update(_zeros(params), state, params)
+    assert _avals(updates) == _avals(params)
+    assert _avals(new_state) == _avals(state)
+    _assert_finite(updates)
+    assert float(new_state.hypergrad_norm) > 0 and int(new_state.count) == 1
+    # New values (params, incoming updates, a warm state): no new trace.
+    params = jax.tree.map(lambda p: p + 0.1, params)
+    ones = jax.tree.map(jnp.ones_like, params)
+    from_ones, _ = update(ones, new_state, params)
+    from_zeros, second = update(_zeros(params), new_state, params)
+    assert int(second.count) == 2
+    assert len(traces) == 1
+    _assert_trees_close(from_ones, jax.tree.map(lambda z: z + 1, from_zeros))
+
+
+@pytest.mark.parametrize("method", ["shine", "shine_opa"])
+def test_unexpected_keyword_arguments_accepted(method):
+    tx = _make(method)
+    params = _params()
+    extra = dict(foo=1, batch=jnp.ones((5, 2)), value=jnp.asarray(0.0))
+    update = functools.partial(tx.update, **extra)
+    updates, new_state = jax.eval_shape(update, _zeros(params), tx.init(params), params)
+    assert _avals(updates) == _avals(params)
+    # optax.chain hands every extra argument to every member.
+    chain = optax.chain(tx, optax.adam(1e-2))
+    updates, _ = jax.eval_shape(
+        functools.partial(chain.update, **extra),
+        _zeros(params),
+        chain.init(params),
+        params,
+    )
+    assert _avals(updates) == _avals(params)
+
+
+def test_params_required():
+    tx = _make("shine")
+    params = _params()
+    state = tx.init(params)
+    with pytest.raises(ValueError, match="params"):
+        tx.update(_zeros(params), state)
+    with pytest.raises(ValueError, match="params"):
+        tx.update(_zeros(params), state, None)
+    with pytest.raises(ValueError, match="params"):
+        jax.jit(tx.update)(_zeros(params), state)
+    chain = optax.chain(tx, optax.adam(1e-2))
+    with pytest.raises(ValueError, match="params"):
+        chain.update(_zeros(params), chain.init(params))
+
+
+# ------------------------------------------------------------------ dtypes ---------
+
+
+def _check_dtype_and_lax_cond(method, dtype):
+    tx = _make(method, dtype)
+    params = _params(dtype)
+    state = tx.init(params)
+
+    def update_if(pred, updates, state, params):
+        return jax.lax.cond(
+            pred, lambda: tx.update(updates, state, params), lambda: (updates, state)
+        )
+
+    update_if, traces = _counting_jit(update_if)
+    updates, new_state = update_if(True, _zeros(params), state, params)
+    assert _avals(updates) == _avals(params)
+    assert _avals(new_state) == _avals(state)
+    for leaf in jax.tree.leaves((updates, new_state.inner_params)):
+        assert leaf.dtype == dtype
+    for field, field_dtype in [
+        ("count", jnp.int32),
+        ("inner_steps", jnp.int32),
+        ("inner_grad_norm", jnp.float32),
+        ("inner_converged", jnp.bool_),
+        ("hypergrad_norm", jnp.float32),
+    ]:
+        value = getattr(new_state, field)
+        assert value.shape == () and value.dtype == field_dtype, field
+    _assert_finite(updates)
+    assert int(new_state.count) == 1 and int(new_state.inner_steps) > 0
+    kept_updates, kept = update_if(False, updates, new_state, params)
+    _assert_trees_equal(kept, new_state)
+    _assert_trees_equal(kept_updates, updates)
+    updates, _ = update_if(True, _zeros(params), new_state, params)
+    _assert_finite(updates)
+    assert len(traces) == 1
+
+
+@pytest.mark.parametrize("method", ["shine_opa", "implicit"])
+def test_float32_kept_and_state_survives_lax_cond(method):
+    _check_dtype_and_lax_cond(method, jnp.float32)
+
+
+@pytest.mark.parametrize("method", ["shine_opa", "implicit"])
+def test_float64_kept_and_state_survives_lax_cond(method, x64):
+    _check_dtype_and_lax_cond(method, jnp.float64)
+
+
+# ------------------------------------------------------------------ optax wrappers -
+
+
+def test_chain_in_multisteps_inside_scan():
+    """`MultiSteps` calls the transformation on emitting mini-steps only (every
+    second one): its count advances then, and the other steps update nothing."""
+    tx = optax.MultiSteps(
+        optax.chain(_make("shine"), optax.adam(0.1)), every_k_schedule=2
+    )
+    params = _params()
+
+    @jax.jit
+    def train(params, state):
+        def body(carry, _):
+            params, state = carry
+            updates, state = tx.update(_zeros(params), state, params)
+            count = state.inner_opt_state[0].count
+            return (optax.apply_updates(params, updates), state), (updates, count)
+
+        return jax.lax.scan(body, (params, state), length=6)
+
+    (final, state), (updates, counts) = train(params, tx.init(params))
+    np.testing.assert_array_equal(counts, [0, 1, 1, 2, 2, 3])
+    idle = np.asarray([True, False, True, False, True, False])
+    for leaf in jax.tree.leaves(updates):
+        _assert_finite(leaf)
+        np.testing.assert_array_equal(leaf[idle], 0)
+        assert np.all(np.any(leaf[~idle] != 0, axis=tuple(range(1, leaf.ndim))))
+    _assert_finite(final)
+
+
+def test_inject_hyperparams_with_static_args():
+    """Tolerances are injected (traced), structural arguments go in `static_args`:
+    the same result as the plain transformation, and a new tolerance needs no new
+    trace."""
+    inner_loss, outer_loss = _losses(jnp.float32)
+    static = ["inner_loss", "outer_loss", "inner_init", *STRUCTURAL]
+    factory = optax.inject_hyperparams(optax_pes.shine_bilevel, static_args=static)
+    injected = factory(
+        inner_loss,
+        outer_loss,
+        inner_init=_inner_init(),
+        method="shine_refine",
+        **SETTINGS,
+    )
+    params = _params()
+    state = injected.init(params)
+    assert set(state.hyperparams) == {"inner_tol", "implicit_tol"}
+    update, traces = _counting_jit(injected.update)
+    got, new_state = update(_zeros(params), state, params)
+    _, plain_update, _ = _jitted("shine_refine")
+    tx = _jitted("shine_refine")[0]
+    expected, expected_state = plain_update(_zeros(params), tx.init(params), params)
+    _assert_trees_close(got, expected, rtol=1e-5)
+    assert int(new_state.inner_state.inner_steps) == int(expected_state.inner_steps)
+
+    # A looser tolerance from the state: fewer inner steps, the same trace.
+    hyperparams = {**state.hyperparams, "inner_tol": jnp.asarray(0.1, jnp.float32)}
+    _, loose = update(_zeros(params), state._replace(hyperparams=hyperparams), params)
+    assert int(loose.inner_state.inner_steps) < int(new_state.inner_state.inner_steps)
+    assert len(traces) == 1
+
+
+def test_inject_hyperparams_without_static_structural_args_says_so():
+    inner_loss, outer_loss = _losses(jnp.float32)
+    factory = optax.inject_hyperparams(
+        optax_pes.shine_bilevel,
+        static_args=["inner_loss", "outer_loss", "inner_init"],
+    )
+    injected = factory(inner_loss, outer_loss, inner_init=_inner_init())
+    with pytest.raises(TypeError, match="inner_max_steps.*static_args"):
+        injected.init(_params())

@@ -147,3 +147,9 @@ def is_concrete(x: Any) -> bool:
     """True for values known now (Python numbers, numpy and committed jax arrays),
     False for tracers (under `jit`, or `inject_hyperparams` inside a trace)."""
     return not isinstance(x, jax.core.Tracer)
+
+
+def is_params_placeholder(params: Any) -> bool:
+    """`optax.tree_utils.tree_map_params` calls `init` with a placeholder object, not
+    params: `init` must then build a state of the right structure without them."""
+    return type(params).__name__ == "_ParamsPlaceholder"

@@ -288,3 +288,15 @@ def test_inject_hyperparams_without_static_structural_args_says_so():
     injected = factory(inner_loss, outer_loss, inner_init=_inner_init())
     with pytest.raises(TypeError, match="inner_max_steps.*static_args"):
         injected.init(_params())
+
+
+def test_tree_map_params_over_a_chain():
+    # How users build sharding specs for optimizer states from parameter specs.
+    tx = optax.chain(_make("shine"), optax.adam(1e-2))
+    lam = _params()
+    state = tx.init(lam)
+    specs = optax.tree_utils.tree_map_params(
+        tx, lambda p: "param", state, transform_non_params=lambda _: "other"
+    )
+    assert jax.tree.leaves(specs[1][0].mu) == ["param"] * len(jax.tree.leaves(lam))
+    assert specs[0].count == "other"

@@ -25,12 +25,11 @@ import optax
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Bool, Float, PRNGKeyArray, PyTree
 
-from optax_pes._checks import is_concrete, require_params
+from optax_pes._checks import is_concrete, is_params_placeholder, require_params
 from optax_pes._es._config import EstimatorConfig
 from optax_pes._es._state import (
     EstimatorState,
     initial_state,
-    is_params_placeholder,
     next_state,
     placeholder_state,
     window_validity,

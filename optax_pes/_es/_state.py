@@ -50,11 +50,6 @@ class _ParamsDependent:
         return "<depends on params>"
 
 
-def is_params_placeholder(params: PyTree) -> bool:
-    """`optax.tree_utils.tree_map_params` calls `init` with a placeholder."""
-    return type(params).__name__ == "_ParamsPlaceholder"
-
-
 def placeholder_state(config: EstimatorConfig) -> EstimatorState:
     """The state `init` gives optax's params placeholder: exact where the structure
     does not depend on params, one opaque leaf for the inner states and the noise

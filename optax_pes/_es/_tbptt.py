@@ -8,14 +8,13 @@ import optax
 from jax.sharding import Mesh
 from jaxtyping import PRNGKeyArray, PyTree
 
-from optax_pes._checks import require_params
+from optax_pes._checks import is_params_placeholder, require_params
 from optax_pes._es._config import configure
 from optax_pes._es._estimator import check_finite_params
 from optax_pes._es._state import (
     EstimatorState,
     NoNoise,
     initial_state,
-    is_params_placeholder,
     next_state,
     placeholder_state,
     window_validity,

@@ -41,6 +41,7 @@ from optax_pes._checks import (
     check_int,
     describe,
     is_concrete,
+    is_params_placeholder,
     require_params,
 )
 from optax_pes._implicit import _lbfgs
@@ -443,7 +444,8 @@ def shine_bilevel(
 
     def init_fn(params: PyTree) -> BilevelState:
         # The losses may need update's keyword arguments: they are checked there.
-        check_float_tree(params, "params (the hyperparameters)")
+        if not is_params_placeholder(params):  # tree_map_params: no params to check
+            check_float_tree(params, "params (the hyperparameters)")
         return BilevelState(
             count=jnp.zeros((), jnp.int32),
             inner_params=inner_init,

@@ -12,7 +12,7 @@ import equinox as eqx
 import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Bool, Float
 
 from optax_pes._checks import check_float, check_int
 from optax_pes._implicit._flat import FlatFn
@@ -26,10 +26,10 @@ _DIVERGENCE_FACTOR = 1e4
 class SolveInfo(NamedTuple):
     """Convergence statistics of a fixed-point solve (stop-gradient)."""
 
-    steps: Int[Array, ""]  # iterations taken
-    residual: Float[Array, ""]  # `|fn(z*) - z*|` of the returned iterate
-    relative_residual: Float[Array, ""]  # `residual / |z*|`
-    converged: Bool[Array, ""]  # residual <= tol or relative_residual <= tol
+    steps: jax.Array  # shape=(), int32: iterations this sample took
+    residual: jax.Array  # shape=(), z's dtype: `|fn(z*) - z*|` of the returned z*
+    relative_residual: jax.Array  # shape=(), z's dtype: `residual / |z*|`
+    converged: jax.Array  # shape=(), bool: residual or relative_residual <= tol
 
 
 class LowRankInverse(eqx.Module):
@@ -87,14 +87,16 @@ class AbstractSolver(eqx.Module):
 
 
 class _Driver(NamedTuple):
-    state: Any
-    best_z: Array
-    best_res: Array
-    first_res: Array
-    iteration: Array  # loop counter (not batched under vmap)
-    steps: Array  # this sample's steps
-    stall: Array
-    done: Array
+    """The carry of `solve`'s loop (one sample; a leading batch axis under vmap)."""
+
+    state: Any  # the solver's state: a NamedTuple with (at least) fields z and g
+    best_z: jax.Array  # shape=(d,), z's dtype: the lowest-residual iterate so far
+    best_res: jax.Array  # shape=(), z's dtype: its residual `|fn(best_z) - best_z|`
+    first_res: jax.Array  # shape=(), z's dtype: the residual at z0 (divergence test)
+    iteration: jax.Array  # shape=(), int32: loop iterations (not batched under vmap)
+    steps: jax.Array  # shape=(), int32: iterations while this sample was active
+    stall: jax.Array  # shape=(), int32: iterations since best_res last improved
+    done: jax.Array  # shape=(), bool: converged, stalled, diverged or non-finite
 
 
 def _converged(res, z, tol):
@@ -175,12 +177,14 @@ def _keep(active: Array, new: Array, old: Array) -> Array:
 
 
 class _BroydenState(NamedTuple):
-    z: Array
-    g: Array
-    inv_g: Array  # B^-1 g with the current inverse: the next step is -inv_g
-    u: Array  # (memory, d)
-    v: Array  # (memory, d)
-    index: Array  # iterations so far; row index % memory is written next
+    """Broyden's state: the iterate and the low-rank inverse's circular buffers."""
+
+    z: jax.Array  # shape=(d,), z's dtype: the current iterate
+    g: jax.Array  # shape=(d,), z's dtype: `fn(z) - z`
+    inv_g: jax.Array  # shape=(d,), z's dtype: `B^-1 g`; the next step is -inv_g
+    u: jax.Array  # shape=(memory, d), z's dtype: the updates' u, one a row (unused: 0)
+    v: jax.Array  # shape=(memory, d), z's dtype: the updates' v, one a row (unused: 0)
+    index: jax.Array  # shape=(), int32: active steps; row index % memory is next
 
 
 class Broyden(AbstractSolver):
@@ -257,11 +261,13 @@ class Broyden(AbstractSolver):
 
 
 class _AndersonState(NamedTuple):
-    z: Array
-    g: Array
-    xs: Array  # (memory, d) past iterates
-    fs: Array  # (memory, d) fn at them
-    count: Array
+    """Anderson's state: the iterate and its history, in circular buffers."""
+
+    z: jax.Array  # shape=(d,), z's dtype: the current iterate
+    g: jax.Array  # shape=(d,), z's dtype: `fn(z) - z`
+    xs: jax.Array  # shape=(memory, d), z's dtype: past iterates, one a row
+    fs: jax.Array  # shape=(memory, d), z's dtype: fn at them
+    count: jax.Array  # shape=(), int32: iterates stored; row count % memory is next
 
 
 class Anderson(AbstractSolver):
@@ -325,8 +331,10 @@ class Anderson(AbstractSolver):
 
 
 class _FixedPointState(NamedTuple):
-    z: Array
-    g: Array
+    """Fixed-point iteration's state."""
+
+    z: jax.Array  # shape=(d,), z's dtype: the current iterate
+    g: jax.Array  # shape=(d,), z's dtype: `fn(z) - z`
 
 
 class FixedPoint(AbstractSolver):

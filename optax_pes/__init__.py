@@ -5,6 +5,7 @@ from optax_pes._es._nres import NRESNoise as NRESNoise, nres as nres
 from optax_pes._es._pes import PESNoise as PESNoise, full_es as full_es, pes as pes
 from optax_pes._es._state import (
     Diagnostics as Diagnostics,
+    EpisodeTotals as EpisodeTotals,
     EstimatorState as EstimatorState,
     NoNoise as NoNoise,
 )

@@ -119,8 +119,8 @@ def _check_not_injected(name: str, structural: dict[str, Any]) -> None:
 
 def configure(
     name: str,
-    system: Any,
     *,
+    system: Any,
     truncation_length: Any,
     num_particles: Any,
     sigma: Any,
@@ -132,8 +132,10 @@ def configure(
     centre: bool = False,
 ) -> EstimatorConfig:
     """Validate a factory's arguments (each error names its argument) and derive
-    the group layout. `sigma=None` means no perturbation (TBPTT); `centre` adds an
-    unperturbed member to every group (truncated ES)."""
+    the group layout. A factory's first line passes its own arguments and fixes the
+    others: `configure("full_es", truncation_length=T, stagger=False, **locals())`.
+    `sigma=None` means no perturbation (TBPTT); `centre` adds an unperturbed member to
+    every group (truncated ES)."""
     structural = dict(
         system=system,
         num_particles=num_particles,

@@ -112,16 +112,5 @@ def nres(
     Gradient Estimation via Noise-Reuse in Online Evolution Strategies*, NeurIPS 2023,
     <https://arxiv.org/abs/2304.12180>.
     """
-    config = configure(
-        "nres",
-        system,
-        truncation_length=truncation_length,
-        num_particles=num_particles,
-        sigma=sigma,
-        key=key,
-        stagger=stagger,
-        antithetic=antithetic,
-        mesh=mesh,
-        mesh_axes=mesh_axes,
-    )
+    config = configure("nres", **locals())
     return estimator(config, _ReusedNoise())

@@ -132,18 +132,7 @@ def pes(
     Unrolled Computation Graphs with Persistent Evolution Strategies*, ICML 2021,
     <https://proceedings.mlr.press/v139/vicol21a.html>.
     """
-    config = configure(
-        "pes",
-        system,
-        truncation_length=truncation_length,
-        num_particles=num_particles,
-        sigma=sigma,
-        key=key,
-        stagger=stagger,
-        antithetic=antithetic,
-        mesh=mesh,
-        mesh_axes=mesh_axes,
-    )
+    config = configure("pes", **locals())
     return estimator(config, _PersistentNoise())
 
 
@@ -182,14 +171,8 @@ def full_es(
     """
     config = configure(
         "full_es",
-        system,
         truncation_length=getattr(system, "horizon", 1),
-        num_particles=num_particles,
-        sigma=sigma,
-        key=key,
         stagger=False,
-        antithetic=antithetic,
-        mesh=mesh,
-        mesh_axes=mesh_axes,
+        **locals(),
     )
     return estimator(config, _PersistentNoise())

@@ -19,11 +19,22 @@ class Diagnostics(NamedTuple):
     estimate_norm: jax.Array  # shape=(), float32: global l2 norm of the last estimate
     num_resets: jax.Array  # shape=(), int32: particles that started an episode
     num_nonfinite: jax.Array  # shape=(), int32: particles left out (non-finite loss)
+    episode_loss: jax.Array  # shape=(), float32: mean total loss of the last episodes
+    #   to finish (in this window or the last one where any did; 0 before any)
+    num_episodes: jax.Array  # shape=(), int32: particles whose episode finished here
 
 
 class NoNoise(NamedTuple):
     """The noise state of estimators that keep none between windows (truncated ES,
     TBPTT)."""
+
+
+class EpisodeTotals(NamedTuple):
+    """Each particle's running total of its current episode's losses."""
+
+    loss: jax.Array  # shape=(members * groups,), float32: losses summed so far
+    whole: jax.Array  # shape=(groups,), bool: the episode is scored from its start
+    #   (False for a staggered group's burned-in first episode, until its first reset)
 
 
 class EstimatorState(NamedTuple):
@@ -40,6 +51,7 @@ class EstimatorState(NamedTuple):
     remaining: jax.Array  # shape=(groups,), int32: steps left in each group's episode
     needs_init: jax.Array  # shape=(groups,), bool: group starts an episode next window
     noise: PyTree  # the estimator's noise state: PESNoise, NRESNoise or NoNoise
+    episodes: EpisodeTotals  # running episode totals, for `diagnostics.episode_loss`
     diagnostics: Diagnostics  # what the last update saw, for logging
 
 
@@ -50,21 +62,30 @@ class _ParamsDependent:
         return "<depends on params>"
 
 
-def placeholder_state(config: EstimatorConfig) -> EstimatorState:
-    """The state `init` gives optax's params placeholder: exact where the structure
-    does not depend on params, one opaque leaf for the inner states and the noise
-    (`tree_map_params` then hands those subtrees to `transform_non_params` whole)."""
+def _start(config: EstimatorConfig, **fields) -> EstimatorState:
+    """The state before the first update, around its params-dependent `fields`."""
+    staggered = config.offsets > 0
     zero = jnp.zeros((), jnp.float32)
     count = jnp.zeros((), jnp.int32)
     return EstimatorState(
         count=count,
         rng_key=config.key,
-        inner_state=_ParamsDependent(),
         remaining=jnp.asarray(config.system.horizon - config.offsets, jnp.int32),
-        needs_init=jnp.ones(config.num_groups, bool),
-        noise=_ParamsDependent(),
-        diagnostics=Diagnostics(zero, zero, count, count),
+        needs_init=jnp.asarray(~staggered),
+        episodes=EpisodeTotals(
+            jnp.zeros(config.members * config.num_groups, jnp.float32),
+            jnp.asarray(~staggered),
+        ),
+        diagnostics=Diagnostics(zero, zero, count, count, zero, count),
+        **fields,
     )
+
+
+def placeholder_state(config: EstimatorConfig) -> EstimatorState:
+    """The state `init` gives optax's params placeholder: exact where the structure
+    does not depend on params, one opaque leaf for the inner states and the noise
+    (`tree_map_params` then hands those subtrees to `transform_non_params` whole)."""
+    return _start(config, inner_state=_ParamsDependent(), noise=_ParamsDependent())
 
 
 def burn_in(config: EstimatorConfig, params: PyTree) -> PyTree:
@@ -108,23 +129,12 @@ def initial_state(
     """
     system = config.system
     check_against_system(system, params)
-    zero = jnp.zeros((), jnp.float32)
-    count = jnp.zeros((), jnp.int32)
-    staggered = config.offsets > 0
-    if staggered.any():
+    if (config.offsets > 0).any():
         members = num_states // config.num_groups
         inner_state = tile_groups(burn_in(config, params), members)
     else:
         inner_state = empty_inner_state(system, params, num_states)
-    return EstimatorState(
-        count=count,
-        rng_key=config.key,
-        inner_state=config.placement.shard(inner_state),
-        remaining=jnp.asarray(system.horizon - config.offsets, jnp.int32),
-        needs_init=jnp.asarray(~staggered),
-        noise=noise,
-        diagnostics=Diagnostics(zero, zero, count, count),
-    )
+    return _start(config, inner_state=config.placement.shard(inner_state), noise=noise)
 
 
 def window_validity(
@@ -147,17 +157,42 @@ def next_state(
     inner_state: PyTree,
     noise: PyTree,
 ) -> EstimatorState:
-    """The state after a window: invalid groups restart next window, diagnostics
-    recorded."""
+    """The state after a window: invalid groups restart next window, episode totals
+    and diagnostics recorded."""
     members, per_group = config.members, config.particles_per_group
-    total = (result.loss_before + result.loss_after).reshape(members, -1)
-    valid_total = jnp.where(valid, total, 0).astype(jnp.float32)
+    loss_before = result.loss_before.astype(jnp.float32)
+    total = loss_before + result.loss_after.astype(jnp.float32)
+    valid_total = jnp.where(valid, total.reshape(members, -1), 0)
     denom = jnp.maximum(members * jnp.sum(valid), 1) * config.truncation_length
+    # Episode totals: an episode starting this window starts from 0; one that ends
+    # inside it (or at its end) is complete with the losses before the reset.
+    started = tile_groups(state.needs_init, members)
+    so_far = jnp.where(started, 0, state.episodes.loss) + loss_before
+    whole = state.episodes.whole | state.needs_init
+    finished = (result.reset_inside | result.needs_init) & valid & whole
+    finished_p = tile_groups(finished, members)
+    num_finished = jnp.sum(finished_p, dtype=jnp.int32)
+    finished_mean = jnp.sum(jnp.where(finished_p, so_far, 0)) / jnp.maximum(
+        num_finished, 1
+    ).astype(jnp.float32)
+    after_reset = tile_groups(result.reset_inside, members)
+    episodes = EpisodeTotals(
+        loss=jnp.where(
+            tile_groups(valid, members),
+            jnp.where(after_reset, result.loss_after.astype(jnp.float32), so_far),
+            0,
+        ),
+        whole=(whole | result.reset_inside) & valid,
+    )
     diagnostics = Diagnostics(
         mean_loss=jnp.sum(valid_total) / denom.astype(jnp.float32),
         estimate_norm=global_norm_f32(estimate),
         num_resets=(per_group * result.num_started).astype(jnp.int32),
         num_nonfinite=per_group * jnp.sum(~valid, dtype=jnp.int32),
+        episode_loss=jnp.where(
+            num_finished > 0, finished_mean, state.diagnostics.episode_loss
+        ),
+        num_episodes=per_group * jnp.sum(finished, dtype=jnp.int32),
     )
     horizon = config.system.horizon
     return EstimatorState(
@@ -167,5 +202,6 @@ def next_state(
         remaining=jnp.where(valid, result.remaining, horizon).astype(jnp.int32),
         needs_init=result.needs_init | ~valid,
         noise=noise,
+        episodes=episodes,
         diagnostics=diagnostics,
     )

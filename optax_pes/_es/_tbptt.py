@@ -64,18 +64,7 @@ def tbptt(
 
     ```
     """
-    config = configure(
-        "tbptt",
-        system,
-        truncation_length=truncation_length,
-        num_particles=num_particles,
-        sigma=None,
-        key=key,
-        stagger=stagger,
-        antithetic=False,
-        mesh=mesh,
-        mesh_axes=mesh_axes,
-    )
+    config = configure("tbptt", sigma=None, antithetic=False, **locals())
 
     def init_fn(params: PyTree) -> EstimatorState:
         if is_params_placeholder(params):

@@ -91,17 +91,5 @@ def truncated_es(
 
     ```
     """
-    config = configure(
-        "truncated_es",
-        system,
-        truncation_length=truncation_length,
-        num_particles=num_particles,
-        sigma=sigma,
-        key=key,
-        stagger=stagger,
-        antithetic=antithetic,
-        mesh=mesh,
-        mesh_axes=mesh_axes,
-        centre=True,
-    )
+    config = configure("truncated_es", centre=True, **locals())
     return estimator(config, _WindowNoise())

@@ -1,0 +1,89 @@
+"""diagnostics.episode_loss: the mean total loss of the episodes that finished."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import optax_pes
+
+
+def _constant(horizon, per_step=1.0):
+    """Every step's loss is `per_step`: an episode's total is `per_step * horizon`."""
+
+    def init(theta, key):
+        return jnp.zeros(())
+
+    def step(theta, s, key):
+        return s, per_step + 0.0 * jnp.sum(theta)
+
+    return optax_pes.UnrolledSystem(init, step, horizon)
+
+
+def _make(name, system, k, **kwargs):
+    if name == "tbptt":
+        return optax_pes.tbptt(
+            system, truncation_length=k, key=0, num_particles=4, **kwargs
+        )
+    return getattr(optax_pes, name)(
+        system, num_particles=4, sigma=0.1, truncation_length=k, key=0, **kwargs
+    )
+
+
+@pytest.mark.parametrize("name", ["pes", "nres", "truncated_es", "tbptt"])
+def test_finished_episodes_report_their_total(name):
+    system = _constant(12)
+    tx = _make(name, system, 4)
+    theta = jnp.zeros(2)
+    state = tx.init(theta)
+    update = jax.jit(tx.update)
+    particles = 4
+    for count in range(1, 7):
+        _, state = update(jnp.zeros(2), state, theta)
+        d = state.diagnostics
+        if count % 3:  # episodes end on every third window
+            assert int(d.num_episodes) == 0
+            expected = 0.0 if count < 3 else 12.0  # the last finished value is kept
+        else:
+            assert int(d.num_episodes) == particles
+            expected = 12.0
+        np.testing.assert_allclose(d.episode_loss, expected, rtol=1e-6)
+        assert d.episode_loss.dtype == jnp.float32 and d.num_episodes.dtype == jnp.int32
+
+
+def test_episodes_ending_inside_windows_and_burned_in_ones():
+    # T = 7, K = 2: episodes end inside windows. With staggering, the burned-in first
+    # episodes are partial and not reported; every later one is, with its full total.
+    system = _constant(7, per_step=2.0)
+    tx = _make("pes", system, 2, stagger=True)
+    theta = jnp.zeros(2)
+    state = tx.init(theta)
+    update = jax.jit(tx.update)
+    finished = 0
+    for _ in range(20):
+        _, state = update(jnp.zeros(2), state, theta)
+        finished += int(state.diagnostics.num_episodes)
+        if int(state.diagnostics.num_episodes):
+            np.testing.assert_allclose(state.diagnostics.episode_loss, 14.0, rtol=1e-6)
+    # 40 steps per particle: group 0 completes 5 episodes, group 1 (burned in to
+    # phase 3) its partial first one (not reported) and then 5 whole ones by step 39.
+    assert finished == 2 * (5 + 5)
+
+
+def test_episode_loss_tracks_theta():
+    # On a quadratic loss the episodes' mean total is T * E[(theta + eps)^2].
+    def init(theta, key):
+        return jnp.zeros(())
+
+    def step(theta, s, key):
+        return s, jnp.sum(theta**2)
+
+    system = optax_pes.UnrolledSystem(init, step, 10)
+    tx = optax_pes.pes(system, num_particles=200, sigma=0.1, truncation_length=5, key=1)
+    theta = jnp.array([1.0, -2.0])
+    state = tx.init(theta)
+    for _ in range(2):
+        _, state = tx.update(jnp.zeros(2), state, theta)
+    np.testing.assert_allclose(
+        state.diagnostics.episode_loss, 10 * (5 + 2 * 0.01), rtol=0.02
+    )

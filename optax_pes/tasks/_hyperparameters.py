@@ -107,7 +107,7 @@ def per_layer_sgd(
     ):
         if not value > 0:
             raise ValueError(f"{name} must be positive, got {value}")
-    params, _ = partition_model(model)
+    params = partition_model(model).params
 
     def full(value):
         return jax.tree.map(lambda p: jnp.asarray(value, p.dtype), params)

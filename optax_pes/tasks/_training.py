@@ -1,5 +1,6 @@
 """A model trained by an optax optimizer built from theta, as an `UnrolledSystem`."""
 
+import inspect
 import sys
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
@@ -20,20 +21,42 @@ class TrainingState(NamedTuple):
     params: PyTree  # the model's trainable arrays (eqx.partition / nnx.Param state)
     opt_state: PyTree  # the state of `optimizer(theta)`
     step: jax.Array  # shape=(), int32: training steps taken in this episode
+    # The model's other variables, carried from step to step and not trained: for a
+    # Flax NNX module every variable but its nnx.Param and RNG streams (BatchNorm's
+    # running statistics, updated by the training steps); None for anything else.
+    model_state: PyTree = None
 
 
-def partition_model(model: Any) -> tuple[PyTree, Callable[[PyTree], Any]]:
-    """Split a model into its trainable arrays and a function rebuilding the model.
+class ModelParts(NamedTuple):
+    """A model taken apart by `partition_model`."""
 
-    A Flax NNX module is split by `nnx.split(model, nnx.Param, ...)`: its `nnx.Param`
-    state is trained, every other variable (batch statistics, RNG streams) is held
-    fixed. Anything else (an Equinox module, a pytree of arrays) is split by
-    `eqx.partition(model, eqx.is_inexact_array)`.
+    params: PyTree  # the arrays the inner loop trains
+    state: PyTree  # the arrays it carries without training them (see TrainingState)
+    # build(params, state, key, training) -> the model: RNG streams seeded from key,
+    # in evaluation mode (dropout off) unless training.
+    build: Callable[[PyTree, PyTree, PRNGKeyArray, bool], Any]
+    # state_of(model) -> its carried state, as a call on a built model left it.
+    state_of: Callable[[Any], PyTree]
+
+
+def partition_model(model: Any) -> ModelParts:
+    """Split a model into the arrays to train, the arrays to carry, and a builder.
+
+    A Flax NNX module is split by `nnx.split(model, nnx.Param, nnx.RngState, ...)`:
+    its `nnx.Param` state is trained; its other variables (batch statistics) are
+    carried; its RNG streams are not read at all: `build` reseeds every stream from
+    the key it is given (`nnx.reseed`), so the model's randomness (dropout) is the
+    step's. The rebuilt module holds fresh variables, which its forward pass may update
+    inside a trace, and `build(..., training=False)` puts it in `.eval()` mode.
+
+    Anything else (an Equinox module, a pytree of arrays) is split by
+    `eqx.partition(model, eqx.is_inexact_array)`, carries nothing, and
+    `build(..., training=False)` applies `eqx.nn.inference_mode`; its randomness comes
+    from the `key` given to the loss.
     """
     nnx = sys.modules.get("flax.nnx")
     if nnx is not None and isinstance(model, nnx.Module):
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        return params, lambda p: nnx.merge(graphdef, p, rest)
+        return _partition_nnx(nnx, model)
     params, static = eqx.partition(model, eqx.is_inexact_array)
     if not jax.tree.leaves(params):
         raise ValueError(
@@ -41,15 +64,58 @@ def partition_model(model: Any) -> tuple[PyTree, Callable[[PyTree], Any]]:
             f"Flax NNX module or a pytree of arrays), got {type(model).__name__} "
             "with none"
         )
-    return params, lambda p: eqx.combine(p, static)
+
+    def build(p, state, key, training):
+        del state, key
+        model = eqx.combine(p, static)
+        return model if training else eqx.nn.inference_mode(model)
+
+    return ModelParts(params, None, build, lambda model: None)
 
 
-def _call(fn: Callable, model: Any, batch: PyTree) -> Any:
+def _partition_nnx(nnx, model) -> ModelParts:
+    graphdef, params, rngs, state = nnx.split(model, nnx.Param, nnx.RngState, ...)
+    is_variable = lambda x: isinstance(x, nnx.Variable)
+    streams = sorted({v.tag for v in jax.tree.leaves(rngs, is_leaf=is_variable)})
+
+    def build(p, state, key, training):
+        # copy=True: fresh variables, created in the caller's trace, which the forward
+        # pass may update (RNG counts, batch statistics) without a trace-level error.
+        model = nnx.merge(graphdef, p, rngs, state, copy=True)
+        if streams:
+            keys = {tag: jax.random.fold_in(key, i) for i, tag in enumerate(streams)}
+            nnx.reseed(model, policy="match_shape", **keys)
+        if not training:
+            model.eval()
+        return model
+
+    def state_of(model):
+        return nnx.split(model, nnx.Param, nnx.RngState, ...)[3]
+
+    return ModelParts(params, state, build, state_of)
+
+
+def _takes_key(fn: Callable) -> bool:
+    """Whether `fn` has a parameter named `key` that a keyword can set."""
+    try:
+        parameter = inspect.signature(fn).parameters.get("key")
+    except (TypeError, ValueError):  # no signature to read (a builtin, say)
+        return False
+    return parameter is not None and parameter.kind in (
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        inspect.Parameter.KEYWORD_ONLY,
+    )
+
+
+def _call(
+    fn: Callable, model: Any, batch: PyTree, takes_key: bool, key: Any = None
+) -> Any:
     """`fn(model, *batch)` for a tuple batch (`loss(model, x, y)`), else
-    `fn(model, batch)` (`loss(model, batch_dict)`)."""
+    `fn(model, batch)` (`loss(model, batch_dict)`); with `key=key` if `takes_key`."""
+    kwargs = {"key": key} if takes_key else {}
     if isinstance(batch, tuple):
-        return fn(model, *batch)
-    return fn(model, batch)
+        return fn(model, *batch, **kwargs)
+    return fn(model, batch, **kwargs)
 
 
 def _num_examples(data: PyTree, name: str) -> int:
@@ -112,15 +178,36 @@ def training_system(
 
     Your loss function and model plug in unchanged: `loss_fn(model, *batch)` when the
     data is a tuple such as `(x, y)`, else `loss_fn(model, batch)`. The model may be an
-    Equinox module, a Flax NNX module (its `nnx.Param` state is trained, other
-    variables are held fixed) or a plain pytree of arrays.
+    Equinox module, a Flax NNX module, or a plain pytree of arrays (Flax linen
+    parameters, with `loss_fn` calling `net.apply({"params": params}, x)`).
+
+    Stochastic models (dropout) draw their randomness from the step's key, like the
+    minibatches, so the two members of an antithetic pair see the same masks and
+    every step sees new ones:
+
+    - a `loss_fn` with a parameter named `key` is called with `key=`: a key of the
+      step when training; `key=None` when it is evaluated as the `"val_loss"`
+      objective. A `loss_fn` without one is called as before. (Equinox: pass it on to
+      the model; linen: `rngs={"dropout": key}` when `key` is not None.)
+    - a Flax NNX module's RNG streams are reseeded from a key of the step before every
+      call (`nnx.reseed`), so `nnx.Dropout` works with no change to the model or the
+      loss; the module's own RNG state is never read.
+
+    Evaluation (the `"val_loss"` objective or a metric) is deterministic: the model is
+    put in evaluation mode (`eqx.nn.inference_mode`; NNX's `.eval()`: dropout off,
+    BatchNorm on its running statistics) and a function with a `key` parameter gets
+    `key=None`. A Flax NNX module trains its `nnx.Param` variables and carries its
+    other variables (BatchNorm's running statistics) from step to step in
+    `TrainingState.model_state`; an Equinox module or a pytree is trained in all its
+    floating-point arrays and carries nothing.
 
     **Arguments:**
 
     - `model`: the model whose trainable arrays the inner loop trains. Every episode
       starts from these arrays unless `model_init` is given.
     - `loss_fn`: the training loss, `loss_fn(model, *batch) -> scalar` (or
-      `loss_fn(model, batch)` for non-tuple data), differentiable in the model.
+      `loss_fn(model, batch)` for non-tuple data), differentiable in the model;
+      `loss_fn(model, *batch, key=key)` if it has a `key` parameter (see above).
     - `optimizer`: `optimizer(theta) -> optax.GradientTransformation`. It is rebuilt
       from the (perturbed) theta at every step, so its state's structure must not
       depend on theta's values; a schedule's step count lives in that state.
@@ -129,9 +216,11 @@ def training_system(
     - `batch_size`: examples per training minibatch (drawn with replacement).
     - `objective`: the per-step loss whose episode sum the estimators differentiate:
       `"train_loss"` (the minibatch loss at the parameters the step starts from: free),
-      `"val_loss"` (`loss_fn` on validation data after the update), or a function
-      `metric(model, *batch) -> scalar` evaluated like `"val_loss"`, which need not be
-      differentiable, e.g. the validation error rate $1 - $ accuracy. Lower is better.
+      `"val_loss"` (`loss_fn` on validation data after the update, in evaluation
+      mode), or a function `metric(model, *batch) -> scalar` evaluated like
+      `"val_loss"`, which need not be differentiable, e.g. the validation error rate
+      $1 - $ accuracy. Lower is better. With dropout, `"train_loss"` is the loss with
+      the step's dropout masks (the one the gradient is taken of).
     - `val_data`: validation data, as `train_data`; needed unless the objective is
       `"train_loss"`, and refused with it (it would never be read).
     - `val_batch_size`: validation examples per step (drawn from the step's key), or
@@ -145,7 +234,7 @@ def training_system(
       it: `loss_weight=lambda t: t >= horizon - 50`.
 
     **Returns:** an `optax_pes.UnrolledSystem` whose inner state is a
-    `optax_pes.tasks.TrainingState(params, opt_state, step)`.
+    `optax_pes.tasks.TrainingState(params, opt_state, step, model_state)`.
 
     **Example:**
 
@@ -185,7 +274,7 @@ def training_system(
     batch_size = check_int(batch_size, "batch_size", 1)
     if val_batch_size is not None:
         val_batch_size = check_int(val_batch_size, "val_batch_size", 1)
-    params0, rebuild = partition_model(model)
+    parts = partition_model(model)
     sample_train = _sampler(train_data, batch_size, "train_data")
     if objective == "train_loss":
         if val_data is not None:
@@ -205,49 +294,64 @@ def training_system(
             "objective must be 'train_loss', 'val_loss' or a function "
             f"metric(model, *batch) -> scalar, got {objective!r}"
         )
-    _check_scalar(loss_fn, rebuild, params0, sample_train, "loss_fn")
-    if metric is not None and metric is not loss_fn:
-        _check_scalar(metric, rebuild, params0, sample_val, "objective")
+    loss_takes_key = _takes_key(loss_fn)
+    metric_takes_key = metric is not None and _takes_key(metric)
+    _check_scalar(loss_fn, parts, sample_train, "loss_fn", loss_takes_key, True)
+    if metric is not None:
+        _check_scalar(metric, parts, sample_val, "objective", metric_takes_key, False)
 
-    def train_loss(params, batch):
-        return _call(loss_fn, rebuild(params), batch)
+    def train_loss(params, model_state, batch, key):
+        model = parts.build(params, model_state, key, True)
+        loss = _call(loss_fn, model, batch, loss_takes_key, key)
+        return loss, parts.state_of(model)
 
     def init(theta: PyTree, key: PRNGKeyArray) -> TrainingState:
         if model_init is None:
-            params = params0
+            params, model_state = parts.params, parts.state
         else:
-            params, _ = partition_model(model_init(key))
+            fresh = partition_model(model_init(key))
+            params, model_state = fresh.params, fresh.state
         return TrainingState(
-            params, optimizer(theta).init(params), jnp.zeros((), jnp.int32)
+            params,
+            optimizer(theta).init(params),
+            jnp.zeros((), jnp.int32),
+            model_state,
         )
 
     def step(
         theta: PyTree, state: TrainingState, key: PRNGKeyArray
     ) -> tuple[TrainingState, Scalar]:
         train_key, val_key = jax.random.split(key)
-        loss, grads = jax.value_and_grad(train_loss)(
-            state.params, sample_train(train_key)
+        # The model's randomness (dropout) gets keys of its own, independent of the
+        # two the minibatches are drawn from (which stay what they always were); like
+        # them, they are shared by the members of a pair.
+        model_key, eval_key = jax.random.fold_in(key, 2), jax.random.fold_in(key, 3)
+        (loss, model_state), grads = jax.value_and_grad(train_loss, has_aux=True)(
+            state.params, state.model_state, sample_train(train_key), model_key
         )
         updates, opt_state = optimizer(theta).update(
             grads, state.opt_state, state.params
         )
         params = optax.apply_updates(state.params, updates)
         if metric is not None:
-            loss = _call(metric, rebuild(params), sample_val(val_key))
+            evaluated = parts.build(params, model_state, eval_key, False)
+            loss = _call(metric, evaluated, sample_val(val_key), metric_takes_key)
         loss = jnp.asarray(loss)
         if loss_weight is not None:
             loss = jnp.asarray(loss_weight(state.step), loss.dtype) * loss
-        return TrainingState(params, opt_state, state.step + 1), loss
+        return TrainingState(params, opt_state, state.step + 1, model_state), loss
 
     return UnrolledSystem(init=init, step=step, horizon=horizon)
 
 
-def _check_scalar(fn, rebuild, params, sample, name) -> None:
-    def evaluate(p):
-        return _call(fn, rebuild(p), sample(jax.random.key(0)))
+def _check_scalar(fn, parts, sample, name, takes_key, training) -> None:
+    def evaluate(params, state):
+        key = jax.random.key(0)
+        model = parts.build(params, state, key, training)
+        return _call(fn, model, sample(key), takes_key, key if training else None)
 
     try:
-        out = jax.eval_shape(evaluate, params)
+        out = jax.eval_shape(evaluate, parts.params, parts.state)
     except Exception as e:  # noqa: BLE001 - re-raised with context
         raise ValueError(
             f"{name}(model, *batch) failed on the model and a minibatch of the data "

@@ -1,6 +1,11 @@
 """optax_pes: PES-family hypergradients as optax transformations; SHINE DEQ layers."""
 
 from optax_pes import tasks as tasks
+from optax_pes._es._ask_tell import (
+    Ask as Ask,
+    AskTell as AskTell,
+    ask_tell as ask_tell,
+)
 from optax_pes._es._nres import NRESNoise as NRESNoise, nres as nres
 from optax_pes._es._pes import PESNoise as PESNoise, full_es as full_es, pes as pes
 from optax_pes._es._state import (

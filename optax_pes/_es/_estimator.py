@@ -185,6 +185,58 @@ def check_finite_params(params: PyTree) -> None:
             )
 
 
+class Draw(NamedTuple):
+    """A window's perturbations, drawn from the state's key (deterministic)."""
+
+    rng_key: PRNGKeyArray  # the next state's key
+    window_key: PRNGKeyArray  # the key of the window's inner steps
+    unravel: Any  # flat vector -> params pytree
+    perturbation: Perturbation
+    sigma_ok: Array | None  # a traced sigma's validity (None: checked by the factory)
+
+
+def draw(
+    config: EstimatorConfig,
+    policy: AbstractNoisePolicy,
+    state: EstimatorState,
+    params: PyTree,
+) -> Draw:
+    """Split the state's key and draw the window's perturbations: the same for the
+    same state, so `ask` and `tell` (which calls it again) agree."""
+    require_params(params, config.name)
+    check_finite_params(params)
+    rng_key, noise_key, window_key = jax.random.split(state.rng_key, 3)
+    flat, unravel = ravel_pytree(params)
+    sigma, sigma_ok = usable_sigma(config.sigma, flat.dtype)
+    p = policy.perturb(config, state.noise, state.needs_init, flat, sigma, noise_key)
+    return Draw(rng_key, window_key, unravel, p, sigma_ok)
+
+
+def credit(
+    config: EstimatorConfig,
+    policy: AbstractNoisePolicy,
+    state: EstimatorState,
+    d: Draw,
+    result: WindowResult,
+) -> tuple[PyTree, EstimatorState]:
+    """The window's estimate (a params pytree) and the next state."""
+    valid = window_validity(config, result)
+    if d.sigma_ok is not None:
+        valid = valid & d.sigma_ok
+    estimate, valid = score_estimate(config, result, valid, d.perturbation)
+    new_state = next_state(
+        config,
+        state,
+        d.rng_key,
+        result,
+        valid,
+        estimate,
+        inner_state=policy.kept_states(config, result.inner_state),
+        noise=policy.next_noise(config, state.noise, d.perturbation, result, valid),
+    )
+    return d.unravel(estimate), new_state
+
+
 def estimator(
     config: EstimatorConfig, policy: AbstractNoisePolicy
 ) -> optax.GradientTransformationExtraArgs:
@@ -206,39 +258,21 @@ def estimator(
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
         require_params(params, config.name)
-        loss_dtype = check_against_system(system, params)
-        rng_key, noise_key, window_key = jax.random.split(state.rng_key, 3)
-        flat, unravel = ravel_pytree(params)
-        check_finite_params(params)
-        sigma, sigma_ok = usable_sigma(config.sigma, flat.dtype)
-        p = policy.perturb(
-            config, state.noise, state.needs_init, flat, sigma, noise_key
-        )
-        after = p.thetas_after_reset
+        loss_dtype = check_against_system(system, params)  # names what is wrong
+        d = draw(config, policy, state, params)
+        unravel_all = jax.vmap(d.unravel)
+        after = d.perturbation.thetas_after_reset
         result = run_window(
             config,
-            jax.vmap(unravel)(p.thetas),
+            unravel_all(d.perturbation.thetas),
             policy.window_states(config, state.inner_state),
             state.remaining,
             state.needs_init,
-            window_key,
+            d.window_key,
             loss_dtype=loss_dtype,
-            thetas_after_reset=None if after is None else jax.vmap(unravel)(after),
+            thetas_after_reset=None if after is None else unravel_all(after),
         )
-        valid = window_validity(config, result)
-        if sigma_ok is not None:
-            valid = valid & sigma_ok
-        estimate, valid = score_estimate(config, result, valid, p)
-        new_state = next_state(
-            config,
-            state,
-            rng_key,
-            result,
-            valid,
-            estimate,
-            inner_state=policy.kept_states(config, result.inner_state),
-            noise=policy.next_noise(config, state.noise, p, result, valid),
-        )
-        return add_to_updates(updates, unravel(estimate)), new_state
+        estimate, new_state = credit(config, policy, state, d, result)
+        return add_to_updates(updates, estimate), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

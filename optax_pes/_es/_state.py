@@ -62,7 +62,7 @@ class _ParamsDependent:
         return "<depends on params>"
 
 
-def _start(config: EstimatorConfig, **fields) -> EstimatorState:
+def start_state(config: EstimatorConfig, **fields) -> EstimatorState:
     """The state before the first update, around its params-dependent `fields`."""
     staggered = config.offsets > 0
     zero = jnp.zeros((), jnp.float32)
@@ -85,7 +85,7 @@ def placeholder_state(config: EstimatorConfig) -> EstimatorState:
     """The state `init` gives optax's params placeholder: exact where the structure
     does not depend on params, one opaque leaf for the inner states and the noise
     (`tree_map_params` then hands those subtrees to `transform_non_params` whole)."""
-    return _start(config, inner_state=_ParamsDependent(), noise=_ParamsDependent())
+    return start_state(config, inner_state=_ParamsDependent(), noise=_ParamsDependent())
 
 
 def burn_in(config: EstimatorConfig, params: PyTree) -> PyTree:
@@ -134,7 +134,9 @@ def initial_state(
         inner_state = tile_groups(burn_in(config, params), members)
     else:
         inner_state = empty_inner_state(system, params, num_states)
-    return _start(config, inner_state=config.placement.shard(inner_state), noise=noise)
+    return start_state(
+        config, inner_state=config.placement.shard(inner_state), noise=noise
+    )
 
 
 def window_validity(

@@ -22,35 +22,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm import tqdm
 
 import optax_pes
 from optax_pes import tasks
 
 
 def train(tx, theta, num_steps, chunk):
-    """Run `num_steps` outer steps of `tx` from `theta`, in jitted chunks of scans.
-
-    Returns the trajectory of theta, shape `(num_steps + 1,) + theta.shape`.
-    """
-    state = tx.init(theta)
-    zeros = jnp.zeros_like(theta)
-
-    @jax.jit
-    def run_chunk(theta, state):
-        def body(carry, _):
-            theta, state = carry
-            updates, state = tx.update(zeros, state, theta)
-            theta = optax.apply_updates(theta, updates)
-            return (theta, state), theta
-
-        return jax.lax.scan(body, (theta, state), None, length=chunk)
-
-    trajectory = [np.asarray(theta)[None]]
-    for _ in tqdm(range(num_steps // chunk), leave=False):
-        (theta, state), thetas = run_chunk(theta, state)
-        trajectory.append(np.asarray(thetas))
-    return np.concatenate(trajectory)
+    """Run `num_steps` outer steps of `tx` from `theta` (jitted chunks of scans, a
+    progress bar with the meta-loss); the trajectory of theta,
+    shape `(num_steps + 1,) + theta.shape`."""
+    _, _, history = optax_pes.outer_loop(tx, theta, num_steps, chunk=chunk)
+    return np.concatenate([np.asarray(theta)[None], history.theta])
 
 
 def influence_balancing(num_steps):

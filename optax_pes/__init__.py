@@ -42,6 +42,7 @@ from optax_pes._implicit._solvers import (
     LowRankInverse as LowRankInverse,
     SolveInfo as SolveInfo,
 )
+from optax_pes._loop import History as History, outer_loop as outer_loop
 from optax_pes._serialisation import (
     tree_deserialise_leaves as tree_deserialise_leaves,
     tree_serialise_leaves as tree_serialise_leaves,

@@ -105,9 +105,9 @@ def usable_sigma(sigma: Any, dtype: jnp.dtype) -> tuple[Array, Array | None]:
     the window's estimate is left out (`ok` is False): an error raised from inside
     `jit` would not be readable, and no non-finite value may reach the update.
     """
+    if is_concrete(sigma):  # before asarray: under jit, asarray's result is traced
+        return jnp.asarray(sigma, dtype), None
     sigma = jnp.asarray(sigma, dtype)
-    if is_concrete(sigma):
-        return sigma, None
     ok = jnp.isfinite(sigma) & (sigma > 0)
     return jnp.where(ok, sigma, 1), ok
 

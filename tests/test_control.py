@@ -490,9 +490,11 @@ def test_swimmer_needs_mujoco(monkeypatch):
 
 
 # -- the MJX swimmer (slow: MJX compiles for a minute or more on a CPU) ---------------
+# MJX itself broadcasts ranks implicitly: these tests allow it (conftest raises).
 
 
 @pytest.mark.slow
+@jax.numpy_rank_promotion("allow")
 def test_mjx_swimmer_is_gymnasiums_swimmer_v5():
     pytest.importorskip("mujoco.mjx")
     gymnasium = pytest.importorskip("gymnasium")
@@ -513,6 +515,7 @@ def test_mjx_swimmer_is_gymnasiums_swimmer_v5():
 
 
 @pytest.mark.slow
+@jax.numpy_rank_promotion("allow")
 def test_pes_on_the_mjx_swimmer_smoke():
     pytest.importorskip("mujoco.mjx")
     pytest.importorskip("gymnasium")

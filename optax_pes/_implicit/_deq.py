@@ -108,7 +108,9 @@ class DEQ(eqx.Module):
         layer, z0_flat, unravel = flat_layer(fn, x_ng, stop_gradient(z0))
         z_flat, info, inverse = solve(self.solver, layer, z0_flat)
         z_star = unravel(jax.lax.stop_gradient(z_flat))
-        inverse = stop_gradient(inverse)
+        # The backward pass saves what the adjoint is given: the (memory, d)
+        # inverse buffers only for an adjoint that reads them.
+        inverse = stop_gradient(inverse) if self.adjoint.needs_inverse else None
         info = stop_gradient(info)
         return self.adjoint.output(self.fn, x, z_star, inverse), info
 

@@ -7,9 +7,12 @@ and backward solves that fail (reported, and replaced by a bounded estimate).
 docs/deq.md's "Failures and errors" lists the same behaviour.
 """
 
+import functools
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import optax_pes
@@ -76,3 +79,79 @@ def test_backward_keeps_the_inverse_only_for_shine(adjoint):
     shapes = _residual_shapes(adjoint)
     buffers = [s for s in shapes if s == (BATCH, MEMORY, DIM)]
     assert len(buffers) == (2 if isinstance(adjoint, optax_pes.Shine) else 0), shapes
+
+
+# -------------------------------------------------------------- closures -----------
+
+
+def test_layers_closing_over_their_weight_match_the_module():
+    """`lambda z, x: tanh(W z + x)` differentiated w.r.t. W and x gives the gradients
+    of the eqx.Module layer holding W, for every adjoint (Implicit and refined Shine
+    used to leak tracers), under jit and vmap."""
+    weight, _, _ = problem()
+    xs = jax.random.normal(jax.random.key(1), (BATCH, DIM))
+    cotangents = jax.random.normal(jax.random.key(2), (BATCH, DIM))
+    z0 = jnp.zeros(DIM)
+    layers = {
+        "module": Layer,
+        "closure": lambda w: lambda z, x: jnp.tanh(w @ z + x),
+    }
+
+    @jax.jit
+    def gradients(weight, xs):
+        def loss(weight, xs, layer, adjoint):
+            deq = optax_pes.DEQ(layer(weight), solver=SOLVER, adjoint=adjoint)
+            return jnp.sum(cotangents * jax.vmap(deq, (0, None))(xs, z0))
+
+        return {
+            (a, kind): jax.grad(loss, argnums=(0, 1))(weight, xs, layer, adjoint)
+            for a, adjoint in zip(map(_name, ADJOINTS), ADJOINTS, strict=True)
+            for kind, layer in layers.items()
+        }
+
+    grads = gradients(weight, xs)
+    for adjoint in map(_name, ADJOINTS):
+        expected = grads[adjoint, "module"]
+        for g, e in zip(grads[adjoint, "closure"], expected, strict=True):
+            np.testing.assert_allclose(g, e, rtol=1e-6, atol=1e-7, err_msg=adjoint)
+
+
+def test_partial_and_closure_eagerly():
+    """A `functools.partial` holding W, and a closure without jit (the tracer leak
+    was an eager-mode error too)."""
+    weight, x, cotangent = problem()
+    z0 = jnp.zeros(DIM)
+    adjoint = optax_pes.Shine(refine_steps=2)
+
+    def loss(weight, layer):
+        deq = optax_pes.DEQ(layer(weight), solver=SOLVER, adjoint=adjoint)
+        return jnp.vdot(cotangent, deq(x, z0))
+
+    expected = jax.grad(loss)(weight, Layer)
+    for layer in (
+        lambda w: lambda z, x: jnp.tanh(w @ z + x),
+        lambda w: functools.partial(lambda w, z, x: jnp.tanh(w @ z + x), w),
+    ):
+        got = jax.grad(loss)(weight, layer)
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------ bad z0 ---------
+
+
+@pytest.mark.parametrize(
+    "z0, match",
+    [
+        ([0.0] * DIM, r"z0 must be .*got list.* Python float.*jnp\.asarray"),
+        ((0.0, 1.0), r"z0 must be .*got tuple.* Python float"),
+        ({"a": 1.0}, r"z0 must be .*got dict.* Python float"),
+        ("abc", r"z0 must be .*got str"),
+        (None, r"z0 must be .*got None"),
+        ([], r"z0 must be .*got \[\]"),
+        (jnp.zeros(DIM, jnp.int32), r"z0 must be .*int32\[8\]"),
+    ],
+)
+def test_z0_that_is_not_a_float_array(z0, match):
+    weight, x, _ = problem()
+    with pytest.raises(TypeError, match=match):
+        optax_pes.DEQ(Layer(weight))(x, z0)

@@ -30,15 +30,16 @@ class DEQ(eqx.Module):
     | `JacobianFree()` | $w = \bar z$ | 1 VJP |
     | `Phantom(k, damping)` | backprop through $k$ damped steps from $z^*$ | $k$ VJPs |
 
-    Gradients flow to the parameters of `fn` (an Equinox module) and to `x`, never
-    to `z0`. One sample per call: `jax.vmap` over a batch gives every sample its own
-    quasi-Newton inverse and its own convergence test.
+    Gradients flow to the parameters of `fn` and to `x`, never to `z0`. One sample
+    per call: `jax.vmap` over a batch gives every sample its own quasi-Newton inverse
+    and its own convergence test.
 
     **Arguments:**
 
     - `fn`: `fn(z, x) -> z`, returning the structure, shapes and dtypes of `z`.
-      An `eqx.Module` (its array fields are the parameters); a plain function must
-      not close over arrays it should be differentiated with respect to.
+      An `eqx.Module` (its array fields are the parameters) or any function; the
+      arrays a function closes over (`lambda z, x: jnp.tanh(w @ z + x)`) are
+      differentiated as a module's fields would be.
     - `solver`: `optax_pes.Broyden` (default), `Anderson` or `FixedPoint`.
     - `adjoint`: `optax_pes.Shine()` (default), `Implicit`, `JacobianFree` or
       `Phantom`. `Shine` needs a solver that provides an inverse (Broyden).
@@ -103,28 +104,28 @@ class DEQ(eqx.Module):
         A solve that does not converge returns its lowest-residual iterate with
         `info.converged == False`; gradients stay finite.
         """
-        self._check_shapes(x, z0)
-        fn, x_ng = stop_gradient(self.fn), stop_gradient(x)
-        layer, z0_flat, unravel = flat_layer(fn, x_ng, stop_gradient(z0))
+        fn = self._layer(x, z0)
+        layer, z0_flat, unravel = flat_layer(
+            stop_gradient(fn), stop_gradient(x), stop_gradient(z0)
+        )
         z_flat, info, inverse = solve(self.solver, layer, z0_flat)
         z_star = unravel(jax.lax.stop_gradient(z_flat))
         # The backward pass saves what the adjoint is given: the (memory, d)
         # inverse buffers only for an adjoint that reads them.
         inverse = stop_gradient(inverse) if self.adjoint.needs_inverse else None
         info = stop_gradient(info)
-        return self.adjoint.output(self.fn, x, z_star, inverse), info
+        return self.adjoint.output(fn, x, z_star, inverse), info
 
-    def _check_shapes(self, x: Any, z0: PyTree) -> None:
-        leaves = jax.tree.leaves(z0)
-        if not leaves or not all(
-            eqx.is_array(a) and jnp.issubdtype(a.dtype, jnp.floating) for a in leaves
-        ):
-            raise TypeError(
-                "z0 must be a non-empty pytree of floating-point arrays, got "
-                f"{describe(z0) if leaves else z0!r}"
-            )
+    def _layer(self, x: Any, z0: PyTree) -> Callable[..., PyTree]:
+        """`fn`, checked against `z0`, with the arrays it closes over as pytree leaves.
+
+        (Closure-converted, so that the solver's loop and the backward pass see them
+        as inputs, stop-gradient and residuals, rather than as leaked tracers.)
+        """
+        _check_z0(z0)
         try:
-            out = jax.eval_shape(self.fn, z0, x)
+            fn = eqx.filter_closure_convert(self.fn, z0, x)
+            out = fn.out_struct
         except Exception as e:  # noqa: BLE001 - re-raised with context
             raise ValueError(f"fn(z0, x) failed for z0 {describe(z0)}: {e}") from e
         check_same_structure(
@@ -135,3 +136,28 @@ class DEQ(eqx.Module):
                 f"{expected}, fn(z0, x) gave {got}"
             ),
         )
+        return fn
+
+
+def _check_z0(z0: PyTree) -> None:
+    """`z0` is a non-empty pytree of floating-point arrays (the initial guess)."""
+    leaves = jax.tree.leaves(z0)
+    if leaves and all(
+        eqx.is_array(a) and jnp.issubdtype(a.dtype, jnp.floating) for a in leaves
+    ):
+        return
+    if not leaves:
+        got = repr(z0)
+    elif all(eqx.is_array(a) for a in leaves):
+        got = describe(z0)
+    elif jax.tree_util.treedef_is_leaf(jax.tree.structure(z0)):
+        got = f"{type(z0).__name__} {z0!r}, not an array"
+    else:
+        kinds = sorted({type(a).__name__ for a in leaves if not eqx.is_array(a)})
+        got = (
+            f"{type(z0).__name__} with Python {', '.join(kinds)} leaves, not arrays "
+            "(convert them with jnp.asarray)"
+        )
+    raise TypeError(
+        f"z0 must be a non-empty pytree of floating-point arrays, got {got}"
+    )

@@ -11,6 +11,12 @@ from an ordinary, batched VJP of $f$; the adjoints that estimate $w$ (`Shine`,
 `Implicit`) place a custom-VJP identity on that output which turns $\bar z$ into $w$.
 Under `jax.vmap` the per-sample work is then only the $w$ solve, and $f$'s VJP is the
 one batched VJP a backward pass must pay.
+
+Every adjoint's output passes through that one identity, `_backward_map` (for
+`JacobianFree` and `Phantom` it leaves $\bar z$ as it is). Its backward pass refuses
+to be differentiated: it holds $z^*$ constant, so a second-order derivative would miss
+$\mathrm{d}z^*/\mathrm{d}\theta$; and, being a custom VJP, it makes a DEQ reverse-mode
+only.
 """
 
 import abc
@@ -20,6 +26,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import lineax as lx
+from jax.custom_derivatives import SymbolicZero
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, PyTree
 
@@ -40,7 +47,8 @@ class AbstractAdjoint(eqx.Module):
     ) -> PyTree:
         """The layer's differentiable output given the fixed point `z_star`.
 
-        Differentiable w.r.t. `fn`'s parameters and `x`; `z_star` is stop-gradient.
+        Differentiable (in reverse mode, to first order) w.r.t. `fn`'s parameters and
+        `x`; `z_star` is stop-gradient. `inverse` is None unless `needs_inverse`.
         """
 
     def check_solver(self, solver: AbstractSolver) -> None:
@@ -62,7 +70,7 @@ class JacobianFree(AbstractAdjoint):
     needs_inverse = False
 
     def output(self, fn, x, z_star, inverse):
-        return fn(z_star, x)
+        return _backward_map(fn(z_star, x), None, None)
 
 
 class Phantom(AbstractAdjoint):
@@ -89,7 +97,7 @@ class Phantom(AbstractAdjoint):
             z = jax.tree.map(
                 lambda a, b: (1 - self.damping) * a + self.damping * b, z, fn(z, x)
             )
-        return z
+        return _backward_map(z, None, None)
 
 
 class _AbstractCotangentAdjoint(AbstractAdjoint):
@@ -107,7 +115,7 @@ class _AbstractCotangentAdjoint(AbstractAdjoint):
 
     def output(self, fn, x, z_star, inverse):
         residuals = (stop_gradient(fn), stop_gradient(x), z_star, inverse)
-        return _with_cotangent_map(fn(z_star, x), residuals, self)
+        return _backward_map(fn(z_star, x), residuals, self)
 
 
 class Shine(_AbstractCotangentAdjoint):
@@ -251,30 +259,68 @@ def _solve_transposed(layer, z_star, grad, solver, y0):
     return lx.linear_solve(operator, grad, solver, options=options, throw=False).value
 
 
+_SECOND_ORDER = (
+    "second-order derivatives through optax_pes.DEQ are not supported: its backward "
+    "pass holds the fixed point z* constant, so differentiating a gradient "
+    "(jax.hessian, jax.jacfwd(jax.grad(f)), jax.grad of a gradient, "
+    "Hessian-vector products) w.r.t. anything z* depends on would miss dz*/dtheta "
+    "and be wrong. (W.r.t. what only comes after the layer, e.g. a readout, they "
+    "are allowed.) For second-order derivatives, unroll the fixed point (a "
+    "jax.lax.fori_loop of the layer) instead of using a DEQ"
+)
+
+
+@jax.custom_jvp
+def _first_order_only(out: PyTree, grad: PyTree) -> PyTree:
+    """`grad`, refusing to be differentiated where the DEQ output `out` is.
+
+    Inside a backward pass that is itself differentiated (forward- or
+    reverse-over-reverse), `out = f(z*, x)` carries a tangent exactly when the outer
+    derivative is w.r.t. something `z*` depends on: the case that would be wrong.
+    """
+    del out
+    return grad
+
+
+def _first_order_only_jvp(primals, tangents):
+    _, grad = primals
+    out_dot, grad_dot = tangents
+    if any(type(t) is not SymbolicZero for t in jax.tree.leaves(out_dot)):
+        raise NotImplementedError(_SECOND_ORDER)
+    return grad, grad_dot
+
+
+_first_order_only.defjvp(_first_order_only_jvp, symbolic_zeros=True)
+
+
 @eqx.filter_custom_vjp
-def _with_cotangent_map(out, residuals, adjoint):
-    """Identity whose backward pass maps the cotangent zbar to the adjoint's w."""
+def _backward_map(out, residuals, adjoint):
+    """The identity on the DEQ's output, whose backward pass maps the cotangent zbar
+    to the adjoint's w (leaves it for `adjoint=None`) and is first order only."""
     del residuals, adjoint
     return out
 
 
-@_with_cotangent_map.def_fwd
-def _with_cotangent_map_fwd(perturbed, out, residuals, adjoint):
+@_backward_map.def_fwd
+def _backward_map_fwd(perturbed, out, residuals, adjoint):
     del perturbed, residuals, adjoint
     return out, None
 
 
-@_with_cotangent_map.def_bwd
-def _with_cotangent_map_bwd(_, grad, perturbed, out, residuals, adjoint):
-    del perturbed, out
-    fn, x, z_star, inverse = residuals
+@_backward_map.def_bwd
+def _backward_map_bwd(_, grad, perturbed, out, residuals, adjoint):
+    del perturbed
     # Leaves of the output that were not differentiated come as None: zeros.
     grad = jax.tree.map(
-        lambda g, z: jnp.zeros_like(z) if g is None else g,
+        lambda g, o: jnp.zeros_like(o) if g is None else g,
         grad,
-        z_star,
+        out,
         is_leaf=lambda g: g is None,
     )
+    grad = _first_order_only(out, grad)
+    if adjoint is None:
+        return grad
+    fn, x, z_star, inverse = residuals
     layer, z_flat, unravel = flat_layer(fn, x, z_star)
     grad_flat = ravel_pytree(grad)[0]
     w = adjoint.cotangent(layer, z_flat, inverse, grad_flat)

@@ -30,9 +30,11 @@ class DEQ(eqx.Module):
     | `JacobianFree()` | $w = \bar z$ | 1 VJP |
     | `Phantom(k, damping)` | backprop through $k$ damped steps from $z^*$ | $k$ VJPs |
 
-    Gradients flow to the parameters of `fn` and to `x`, never to `z0`. One sample
-    per call: `jax.vmap` over a batch gives every sample its own quasi-Newton inverse
-    and its own convergence test.
+    Gradients flow to the parameters of `fn` and to `x`, never to `z0`, in reverse
+    mode and to first order: forward mode (`jax.jvp`) and second-order derivatives
+    (`jax.hessian`) through the fixed point are refused. One sample per call:
+    `jax.vmap` over a batch gives every sample its own quasi-Newton inverse and its
+    own convergence test.
 
     **Arguments:**
 

@@ -33,6 +33,9 @@ class DEQ(nnx.Module):
     The NNX counterpart of `optax_pes.DEQ`, with the same solvers and adjoints.
     `layer(z, x)` must return the structure, shapes and dtypes of `z` and must not
     mutate its own state (no batch-norm statistics updates inside the fixed point).
+    It is differentiated as `optax_pes.DEQ` is: in reverse mode, to first order
+    (second-order derivatives through the fixed point raise `NotImplementedError`),
+    and a failed backward solve warns (`throw=True` on the adjoint: raises).
 
     **Arguments:**
 

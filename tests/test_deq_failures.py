@@ -8,6 +8,7 @@ docs/deq.md's "Failures and errors" lists the same behaviour.
 """
 
 import functools
+import warnings
 
 import equinox as eqx
 import jax
@@ -238,3 +239,122 @@ def test_z0_that_is_not_a_float_array(z0, match):
     weight, x, _ = problem()
     with pytest.raises(TypeError, match=match):
         optax_pes.DEQ(Layer(weight))(x, z0)
+
+
+# ----------------------------------------------------- failed backward solves ------
+
+
+@eqx.filter_jit
+def _gradients(adjoint, weight, x, cotangent, solver=SOLVER):
+    deq = optax_pes.DEQ(Layer(weight), solver=solver, adjoint=adjoint)
+    z0 = jnp.zeros(DIM)
+    return eqx.filter_grad(lambda d: jnp.vdot(cotangent, d(x, z0)))(deq).fn.weight
+
+
+def _flush():
+    """Run pending `jax.debug.callback`s (the warnings come from one)."""
+    jax.effects_barrier()
+
+
+def test_converged_backward_solves_do_not_warn():
+    weight, x, cotangent = problem()
+    deqs = {
+        _name(a): optax_pes.DEQ(Layer(weight), solver=SOLVER, adjoint=a)
+        for a in ADJOINTS
+    }
+    loss = lambda d: jnp.vdot(cotangent, d(x, jnp.zeros(DIM)))  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        grads = jax.jit(lambda ds: {n: jax.grad(loss)(d) for n, d in ds.items()})(deqs)
+        _flush()
+    for name, g in grads.items():
+        assert np.all(np.isfinite(g.fn.weight)), name
+
+
+# problem(norm=3.0, seed=3) is not contractive at its fixed point (J_f's spectral
+# radius there is 1.4), which Broyden finds: the iteration w <- zbar + J^T w diverges.
+HARD = optax_pes.Broyden(max_steps=60, tol=1e-10, memory=60)
+
+
+@pytest.mark.parametrize(
+    "adjoint, fallback, match",
+    [
+        # Too few GMRES steps for an 8-dimensional system.
+        (
+            optax_pes.Implicit(max_steps=2, tol=1e-8),
+            optax_pes.JacobianFree(),
+            "did not reach tol",
+        ),
+        # Diverges (the gradient reached 3e13 before it fell back).
+        (
+            optax_pes.Implicit(linear_solver="fixed_point", tol=1e-8),
+            optax_pes.JacobianFree(),
+            "did not reach tol",
+        ),
+        # Refinement by fixed-point steps diverges: keep the SHINE estimate.
+        (optax_pes.Shine(refine_steps=20), optax_pes.Shine(), "refinement diverged"),
+    ],
+    ids=["Implicit(max_steps=2)", "Implicit(fixed_point)", "Shine(refine_steps=20)"],
+)
+def test_failed_backward_solve_warns_and_falls_back(adjoint, fallback, match, x64):
+    weight, x, cotangent = problem(norm=3.0, seed=3)
+    deq = optax_pes.DEQ(Layer(weight), solver=HARD, adjoint=adjoint)
+    assert bool(deq.solve(x, jnp.zeros(DIM))[1].converged)
+    with pytest.warns(RuntimeWarning, match=f"optax_pes.DEQ: .*{match}"):
+        g = _gradients(adjoint, weight, x, cotangent, HARD)
+        _flush()
+    expected = _gradients(fallback, weight, x, cotangent, HARD)
+    np.testing.assert_allclose(g, expected, rtol=1e-8, atol=1e-10)
+
+
+def test_failed_backward_solve_falls_back_per_sample(x64):
+    """Under vmap only the sample whose solve failed falls back; the others keep the
+    implicit gradient. z <- s z + x with s = x[0]: the iteration on w diverges for
+    s = 1.5 and converges for s = 0.5 (the forward is linear: Broyden solves both)."""
+
+    class Scaled(eqx.Module):
+        def __call__(self, z, x):
+            return x[0] * z + x
+
+    xs = jnp.array([[1.5, 1.0, -1.0], [0.5, 0.5, 2.0]])
+    cotangent = jnp.array([1.0, -2.0, 0.5])
+
+    @jax.jit
+    def grads(adjoint):
+        deq = optax_pes.DEQ(
+            Scaled(), solver=optax_pes.Broyden(50, 1e-10), adjoint=adjoint
+        )
+        return jax.vmap(jax.grad(lambda x: jnp.vdot(cotangent, deq(x, jnp.zeros(3)))))(
+            xs
+        )
+
+    implicit = optax_pes.Implicit(linear_solver="fixed_point", max_steps=200, tol=1e-10)
+    with pytest.warns(RuntimeWarning, match="optax_pes.DEQ: "):
+        got = grads(implicit)
+        _flush()
+    exact = grads(optax_pes.Implicit())
+    jfb = grads(optax_pes.JacobianFree())
+    np.testing.assert_allclose(got[0], jfb[0], rtol=1e-10)
+    np.testing.assert_allclose(got[1], exact[1], rtol=1e-8)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: optax_pes.Implicit(linear_solver="fixed_point", tol=1e-8, throw=True),
+        lambda: optax_pes.Shine(refine_steps=20, throw=True),
+    ],
+    ids=["Implicit", "Shine"],
+)
+def test_throw_raises_on_a_failed_backward_solve(make, x64):
+    adjoint = make()
+    weight, x, cotangent = problem(norm=3.0, seed=3)
+    errors = (eqx.EquinoxRuntimeError, jax.errors.JaxRuntimeError)
+    with pytest.raises(errors, match="optax_pes.DEQ: "):
+        jax.block_until_ready(_gradients(adjoint, weight, x, cotangent, HARD))
+
+
+@pytest.mark.parametrize("make", [optax_pes.Implicit, optax_pes.Shine])
+def test_throw_must_be_a_bool(make):
+    with pytest.raises(TypeError, match="throw must be a bool, got 1"):
+        make(throw=1)

@@ -16,19 +16,24 @@ Every adjoint's output passes through that one identity, `_backward_map` (for
 `JacobianFree` and `Phantom` it leaves $\bar z$ as it is). Its backward pass refuses
 to be differentiated: it holds $z^*$ constant, so a second-order derivative would miss
 $\mathrm{d}z^*/\mathrm{d}\theta$; and, being a custom VJP, it makes a DEQ reverse-mode
-only.
+only. An iterative backward solve that fails (`Implicit`, `Shine` refinement) is
+replaced by a bounded estimate and reported: a `RuntimeWarning`, or an error with
+`throw=True`.
 """
 
 import abc
+import functools
+import warnings
 from typing import Any, Literal
 
 import equinox as eqx
+import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
 import lineax as lx
 from jax.custom_derivatives import SymbolicZero
 from jax.flatten_util import ravel_pytree
-from jaxtyping import Array, Float, PyTree
+from jaxtyping import Array, Bool, Float, PyTree
 
 from optax_pes._checks import check_choice, check_float, check_int
 from optax_pes._implicit._flat import FlatFn, flat_layer
@@ -103,6 +108,8 @@ class Phantom(AbstractAdjoint):
 class _AbstractCotangentAdjoint(AbstractAdjoint):
     """An adjoint that maps the output cotangent to $w$, then takes $f$'s VJP."""
 
+    throw: eqx.AbstractVar[bool]
+
     @abc.abstractmethod
     def cotangent(
         self,
@@ -110,12 +117,23 @@ class _AbstractCotangentAdjoint(AbstractAdjoint):
         z_star: Float[Array, " d"],
         inverse: LowRankInverse | None,
         grad: Float[Array, " d"],
-    ) -> Float[Array, " d"]:
-        """$w$ from the flat cotangent `grad` (all inputs are stop-gradient)."""
+    ) -> tuple[Float[Array, " d"], Bool[Array, ""] | None]:
+        """$w$ from the flat cotangent `grad` (all inputs are stop-gradient), and
+        whether an iterative solve for it failed (None: there is none to fail).
+
+        A failed solve's $w$ is already replaced by the adjoint's fallback."""
+
+    @abc.abstractmethod
+    def failure(self) -> str:
+        """What a failed backward solve means and what was used instead (a message)."""
 
     def output(self, fn, x, z_star, inverse):
         residuals = (stop_gradient(fn), stop_gradient(x), z_star, inverse)
         return _backward_map(fn(z_star, x), residuals, self)
+
+    def __check_init__(self):
+        if not isinstance(self.throw, bool):
+            raise TypeError(f"throw must be a bool, got {self.throw!r}")
 
 
 class Shine(_AbstractCotangentAdjoint):
@@ -133,8 +151,15 @@ class Shine(_AbstractCotangentAdjoint):
     refinement. A non-finite $w$ always falls back. Needs a solver that provides an
     inverse estimate (`optax_pes.Broyden`).
 
+    A refinement that fails for a sample (fixed-point steps whose residual
+    $\|\bar z + J_f^\top w - w\|$ grows, i.e. diverges, or a non-finite result) is
+    discarded there: the sample keeps the SHINE estimate it started from, and a
+    `RuntimeWarning` says so (`throw=True`: an error instead, as Optimistix's
+    `throw`).
+
     **Arguments:** `refine_steps` ($\geq 0$), `fallback`, `fallback_threshold`
-    ($> 0$), `refine_solver` (`"fixed_point"` or `"gmres"`).
+    ($> 0$), `refine_solver` (`"fixed_point"` or `"gmres"`), `throw` (raise on a
+    failed refinement instead of warning).
 
     **References:** Ramzi, Mannel, Bai, Starck, Ciuciu, Moreau, *SHINE: SHaring the
     INverse Estimate from the forward pass for bi-level optimization and implicit
@@ -147,6 +172,7 @@ class Shine(_AbstractCotangentAdjoint):
     refine_solver: Literal["fixed_point", "gmres"] = eqx.field(
         static=True, default="fixed_point"
     )
+    throw: bool = eqx.field(static=True, default=False)
     needs_inverse = True
 
     def __check_init__(self):
@@ -162,15 +188,41 @@ class Shine(_AbstractCotangentAdjoint):
             )
             w = jnp.where(too_big, grad, w)
         if not self.refine_steps:
-            return w
+            return w, None
+        _, vjp = jax.vjp(layer, z_star)
         if self.refine_solver == "gmres":
-            # (lineax's first GMRES pass only computes the residual of y0.)
+            # (lineax's first GMRES pass only computes the residual of y0.) GMRES
+            # never increases the residual: only a non-finite result fails.
             solver = lx.GMRES(
                 rtol=0.0, atol=0.0, max_steps=2, restart=self.refine_steps
             )
-            return _solve_transposed(layer, z_star, grad, solver, w)
-        _, vjp = jax.vjp(layer, z_star)
-        return jax.lax.fori_loop(0, self.refine_steps, lambda _, w: grad + vjp(w)[0], w)
+            refined = _solve_transposed(vjp, grad, solver, w)
+            failed = ~jnp.all(jnp.isfinite(refined))
+        else:
+            # Step i's increment is the residual at iterate i: the refinement
+            # diverged if the last one known is larger than the first (or NaN).
+            def step(i, carry):
+                w, first, _ = carry
+                new = grad + vjp(w)[0]
+                size = jnp.linalg.norm(new - w)
+                return new, jnp.where(i == 0, size, first), size
+
+            zero = jnp.zeros((), grad.dtype)
+            refined, first, last = jax.lax.fori_loop(
+                0, self.refine_steps, step, (w, zero, zero)
+            )
+            failed = ~(last <= first)
+        return jnp.where(failed, w, refined), failed
+
+    def failure(self):
+        how = (
+            "the GMRES refinement was not finite"
+            if self.refine_solver == "gmres"
+            else "the fixed-point refinement diverged (its residual grew: the layer "
+            "is not contractive at z*; refine_solver='gmres' does not need that) or "
+            "was not finite"
+        )
+        return f"{how}; those samples kept the SHINE estimate it started from"
 
 
 def _check_linear_solver(value: Any) -> Any:
@@ -198,12 +250,21 @@ class Implicit(_AbstractCotangentAdjoint):
     The reference the other adjoints approximate. `linear_solver="gmres"` (default)
     uses lineax's GMRES (restarted every 10 steps) on the matrix-free operator;
     `"fixed_point"` iterates $w \leftarrow \bar z + J_f^\top w$ (converges for
-    contractive $f$); any `lineax.AbstractLinearSolver` may be given. A solve that
-    fails (non-finite $w$) falls back to $w = \bar z$, so gradients stay finite.
+    contractive $f$); any `lineax.AbstractLinearSolver` may be given.
+
+    A solve that fails for a sample (it does not reach `tol` in `max_steps`, e.g. on
+    a layer that is not contractive with `"fixed_point"`, or its $w$ is not finite)
+    falls back to the Jacobian-free $w = \bar z$ there, so gradients stay finite
+    and bounded, and a `RuntimeWarning` says so (`throw=True`: an error instead, as
+    Optimistix's `throw`). GMRES and lineax solvers count as converged when the
+    residual $\|\bar z - (I - J_f^\top) w\|$ (one more VJP) is within 10x their
+    `atol + rtol` $\|\bar z\|$ (`tol` for both with `"gmres"`); the fixed-point
+    iteration when its last step is at most `tol` $\|w\|$.
 
     **Arguments:** `max_steps` (Krylov or fixed-point steps, i.e. VJPs of $f$) and
     `tol` of the linear solve; `linear_solver` (a lineax solver is a static field:
-    it must be hashable, its settings Python numbers rather than arrays).
+    it must be hashable, its settings Python numbers rather than arrays); `throw`
+    (raise on a failed solve instead of warning).
     """
 
     max_steps: int = eqx.field(static=True, default=100)
@@ -213,6 +274,7 @@ class Implicit(_AbstractCotangentAdjoint):
     linear_solver: Literal["gmres", "fixed_point"] | lx.AbstractLinearSolver = (
         eqx.field(static=True, default="gmres", converter=_check_linear_solver)
     )
+    throw: bool = eqx.field(static=True, default=False)
     needs_inverse = False
 
     def __check_init__(self):
@@ -233,25 +295,49 @@ class Implicit(_AbstractCotangentAdjoint):
                 return i + 1, new, jnp.linalg.norm(new - w)
 
             inf = jnp.asarray(jnp.inf, grad.dtype)
-            return jax.lax.while_loop(cond, body, (0, grad, inf))[1]
-        solver = self.linear_solver
-        if isinstance(solver, str):
-            # lineax checks the tolerance between restart cycles only: short cycles
-            # stop soon after convergence. max_steps counts Krylov steps (VJPs);
-            # lineax counts cycles, the first of which only computes the residual.
-            restart = min(10, self.max_steps)
-            solver = lx.GMRES(
-                rtol=self.tol,
-                atol=self.tol,
-                max_steps=-(-self.max_steps // restart) + 1,
-                restart=restart,
-            )
-        return _solve_transposed(layer, z_star, grad, solver, None)
+            _, w, delta = jax.lax.while_loop(cond, body, (0, grad, inf))
+            converged = delta <= self.tol * jnp.linalg.norm(w)
+        else:
+            solver = self.linear_solver
+            if isinstance(solver, str):
+                # lineax checks the tolerance between restart cycles only: short
+                # cycles stop soon after convergence. max_steps counts Krylov steps
+                # (VJPs); lineax counts cycles, the first only computes a residual.
+                restart = min(10, self.max_steps)
+                solver = lx.GMRES(
+                    rtol=self.tol,
+                    atol=self.tol,
+                    max_steps=-(-self.max_steps // restart) + 1,
+                    restart=restart,
+                )
+            w = _solve_transposed(vjp, grad, solver, None)
+            # lineax reports max_steps_reached even when the last cycle converged:
+            # judge by the residual instead.
+            residual = jnp.linalg.norm(grad - w + vjp(w)[0])
+            atol = getattr(solver, "atol", self.tol)
+            rtol = getattr(solver, "rtol", self.tol)
+            bound = atol + rtol * jnp.linalg.norm(grad)
+            converged = residual <= _RESIDUAL_SLACK * bound
+        failed = ~converged  # (also where w or the residual is NaN)
+        return jnp.where(failed, grad, w), failed
+
+    def failure(self):
+        return (
+            f"it did not reach tol={self.tol} within max_steps={self.max_steps} (or "
+            "was not finite); those samples used the Jacobian-free w = zbar instead. "
+            "Raise max_steps or tol, check that the forward solve converged "
+            "(DEQ.solve's info.converged), or pass throw=True to raise"
+        )
 
 
-def _solve_transposed(layer, z_star, grad, solver, y0):
-    """Solve $(I - J_f^\top) w = \bar z$ with a lineax solver (not raising)."""
-    _, vjp = jax.vjp(layer, z_star)
+# A backward solve counts as converged within this factor of its tolerance: solvers
+# estimate their residual slightly differently; a failure is orders of magnitude off.
+_RESIDUAL_SLACK = 10.0
+
+
+def _solve_transposed(vjp, grad, solver, y0):
+    """Solve $(I - J_f^\top) w = \bar z$ with a lineax solver (not raising); `vjp`
+    is $f$'s at $z^*$."""
     operator = lx.FunctionLinearOperator(
         lambda w: w - vjp(w)[0], jax.ShapeDtypeStruct(grad.shape, grad.dtype)
     )
@@ -293,6 +379,27 @@ def _first_order_only_jvp(primals, tangents):
 _first_order_only.defjvp(_first_order_only_jvp, symbolic_zeros=True)
 
 
+def _warn(message: str, failed: Array) -> None:
+    if failed:
+        # (From a callback: there is no user frame to point at.)
+        warnings.warn(message, RuntimeWarning, stacklevel=1)
+
+
+def _report(
+    w: Float[Array, " d"], failed: Bool[Array, ""], adjoint: "_AbstractCotangentAdjoint"
+) -> Float[Array, " d"]:
+    """Tell the user about failed backward solves: warn, or raise with `throw`."""
+    message = (
+        f"optax_pes.DEQ: the backward solve of adjoint={adjoint!r} failed for some "
+        f"samples: {adjoint.failure()}"
+    )
+    if adjoint.throw:
+        return eqx.error_if(w, failed, message)
+    # One callback per backward pass, not one per sample under vmap.
+    jax.debug.callback(functools.partial(_warn, message), eqxi.unvmap_any(failed))
+    return w
+
+
 @eqx.filter_custom_vjp
 def _backward_map(out, residuals, adjoint):
     """The identity on the DEQ's output, whose backward pass maps the cotangent zbar
@@ -323,6 +430,9 @@ def _backward_map_bwd(_, grad, perturbed, out, residuals, adjoint):
     fn, x, z_star, inverse = residuals
     layer, z_flat, unravel = flat_layer(fn, x, z_star)
     grad_flat = ravel_pytree(grad)[0]
-    w = adjoint.cotangent(layer, z_flat, inverse, grad_flat)
-    w = jnp.where(jnp.all(jnp.isfinite(w)), w, grad_flat)
+    w, failed = adjoint.cotangent(layer, z_flat, inverse, grad_flat)
+    nonfinite = ~jnp.all(jnp.isfinite(w))
+    w = jnp.where(nonfinite, grad_flat, w)
+    if failed is not None:
+        w = _report(w, failed | nonfinite, adjoint)
     return unravel(w)

@@ -104,7 +104,8 @@ class DEQ(eqx.Module):
         `converged` (all stop-gradient).
 
         A solve that does not converge returns its lowest-residual iterate with
-        `info.converged == False`; gradients stay finite.
+        `info.converged == False`; gradients stay finite. (The backward pass's own
+        solve, if the adjoint has one, reports failures with a `RuntimeWarning`.)
         """
         fn = self._layer(x, z0)
         layer, z0_flat, unravel = flat_layer(

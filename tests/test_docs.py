@@ -20,6 +20,7 @@ import textwrap
 import types
 from dataclasses import dataclass
 
+import jax
 import pytest
 
 DOCS = pathlib.Path(__file__).parent.parent / "docs"
@@ -96,16 +97,22 @@ def test_page_code_runs(page, capsys):
     if not runnable:  # only sketches: say so, with the pages' own reasons
         pytest.skip("; ".join(f"line {block.line}: {block.skip}" for block in blocks))
     namespace: dict = {"__name__": f"docs.{page}"}
-    for block in runnable:
-        # Line numbers in tracebacks are the page's: pad the code to its fence.
-        source = "\n" * block.line + block.code
-        exec(compile(source, f"docs/{page}", "exec"), namespace)
-        printed = capsys.readouterr().out
-        if block.output is not None:
-            assert printed == block.output, (
-                f"docs/{page}, block at line {block.line}: it prints\n{printed}\n"
-                f"but its output block shows\n{block.output}"
-            )
+    # A page may switch global JAX settings (bi-level enables x64): later tests and
+    # the package's doctests must not inherit them.
+    x64 = jax.config.jax_enable_x64
+    try:
+        for block in runnable:
+            # Line numbers in tracebacks are the page's: pad the code to its fence.
+            source = "\n" * block.line + block.code
+            exec(compile(source, f"docs/{page}", "exec"), namespace)
+            printed = capsys.readouterr().out
+            if block.output is not None:
+                assert printed == block.output, (
+                    f"docs/{page}, block at line {block.line}: it prints\n"
+                    f"{printed}\nbut its output block shows\n{block.output}"
+                )
+    finally:
+        jax.config.update("jax_enable_x64", x64)
 
 
 def test_markers_are_well_formed():

@@ -379,10 +379,9 @@ def _first_order_only_jvp(primals, tangents):
 _first_order_only.defjvp(_first_order_only_jvp, symbolic_zeros=True)
 
 
-def _warn(message: str, failed: Array) -> None:
-    if failed:
-        # (From a callback: there is no user frame to point at.)
-        warnings.warn(message, RuntimeWarning, stacklevel=1)
+def _warn(message: str) -> None:
+    # (From a callback: there is no user frame to point at.)
+    warnings.warn(message, RuntimeWarning, stacklevel=1)
 
 
 def _report(
@@ -395,8 +394,13 @@ def _report(
     )
     if adjoint.throw:
         return eqx.error_if(w, failed, message)
-    # One callback per backward pass, not one per sample under vmap.
-    jax.debug.callback(functools.partial(_warn, message), eqxi.unvmap_any(failed))
+    # One callback per backward pass (not one per sample under vmap), and only when
+    # a sample failed: an unconditional host callback cost as much as the refinement.
+    jax.lax.cond(
+        eqxi.unvmap_any(failed),
+        lambda: jax.debug.callback(functools.partial(_warn, message)),
+        lambda: None,
+    )
     return w
 
 

@@ -1,4 +1,5 @@
-"""Exact references for the statistical tests."""
+"""Shared by the tests: exact references for the statistical tests, and trace
+counting and abstract-value comparison for the contract suites."""
 
 import jax
 import jax.numpy as jnp
@@ -99,3 +100,19 @@ def max_z_score(samples, expected):
     scale = np.abs(flat_expected).max()
     stderr = np.maximum(stderr, 1e-9 * scale + 1e-300)  # tbptt has zero variance
     return float(np.max(np.abs(mean - flat_expected) / stderr))
+
+
+def counting_jit(fn):
+    """`jax.jit(fn)` and a list that grows by one every time `fn` is traced."""
+    traces = []
+
+    def counted(*args):
+        traces.append(None)
+        return fn(*args)
+
+    return jax.jit(counted), traces
+
+
+def avals(tree):
+    """Structure, then shape, dtype and weak type of every leaf (keys included)."""
+    return jax.tree.structure(tree), [jax.typeof(x) for x in jax.tree.leaves(tree)]

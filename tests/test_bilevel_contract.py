@@ -19,6 +19,8 @@ import pytest
 
 import optax_pes
 
+from .helpers import avals, counting_jit
+
 METHODS = ["shine", "shine_opa", "shine_refine", "implicit", "jacobian_free"]
 STRUCTURAL = ["inner_max_steps", "opa_every", "refine_steps", "implicit_max_steps"]
 SETTINGS = dict(inner_tol=1e-4, inner_max_steps=20, opa_every=2, refine_steps=2)
@@ -66,32 +68,16 @@ def _make(method, dtype=jnp.float32, **kwargs):
     )
 
 
-def _counting_jit(fn):
-    """`jax.jit(fn)` and a list that grows by one every time `fn` is traced."""
-    traces = []
-
-    def counted(*args):
-        traces.append(None)
-        return fn(*args)
-
-    return jax.jit(counted), traces
-
-
 @functools.cache
 def _jitted(method):
     """A float32 transformation, its jitted `update` and trace count."""
     tx = _make(method)
-    update, traces = _counting_jit(tx.update)
+    update, traces = counting_jit(tx.update)
     return tx, update, traces
 
 
 def _zeros(tree):
     return jax.tree.map(jnp.zeros_like, tree)
-
-
-def _avals(tree):
-    """Structure, then shape, dtype and weak type of every leaf."""
-    return jax.tree.structure(tree), [jax.typeof(x) for x in jax.tree.leaves(tree)]
 
 
 def _assert_finite(tree):
@@ -120,8 +106,8 @@ def test_jit_one_trace_and_the_estimate_added(method):
     params = _params()
     state = tx.init(params)
     updates, new_state = update(_zeros(params), state, params)
-    assert _avals(updates) == _avals(params)
-    assert _avals(new_state) == _avals(state)
+    assert avals(updates) == avals(params)
+    assert avals(new_state) == avals(state)
     _assert_finite(updates)
     assert float(new_state.hypergrad_norm) > 0 and int(new_state.count) == 1
     # New values (params, incoming updates, a warm state): no new trace.
@@ -141,7 +127,7 @@ def test_unexpected_keyword_arguments_accepted(method):
     extra = dict(foo=1, batch=jnp.ones((5, 2)), value=jnp.asarray(0.0))
     update = functools.partial(tx.update, **extra)
     updates, new_state = jax.eval_shape(update, _zeros(params), tx.init(params), params)
-    assert _avals(updates) == _avals(params)
+    assert avals(updates) == avals(params)
     # optax.chain hands every extra argument to every member.
     chain = optax.chain(tx, optax.adam(1e-2))
     updates, _ = jax.eval_shape(
@@ -150,7 +136,7 @@ def test_unexpected_keyword_arguments_accepted(method):
         chain.init(params),
         params,
     )
-    assert _avals(updates) == _avals(params)
+    assert avals(updates) == avals(params)
 
 
 def test_params_required():
@@ -181,10 +167,10 @@ def _check_dtype_and_lax_cond(method, dtype):
             pred, lambda: tx.update(updates, state, params), lambda: (updates, state)
         )
 
-    update_if, traces = _counting_jit(update_if)
+    update_if, traces = counting_jit(update_if)
     updates, new_state = update_if(True, _zeros(params), state, params)
-    assert _avals(updates) == _avals(params)
-    assert _avals(new_state) == _avals(state)
+    assert avals(updates) == avals(params)
+    assert avals(new_state) == avals(state)
     for leaf in jax.tree.leaves((updates, new_state.inner_params)):
         assert leaf.dtype == dtype
     for field, field_dtype in [
@@ -264,7 +250,7 @@ def test_inject_hyperparams_with_static_args():
     params = _params()
     state = injected.init(params)
     assert set(state.hyperparams) == {"inner_tol", "implicit_tol"}
-    update, traces = _counting_jit(injected.update)
+    update, traces = counting_jit(injected.update)
     got, new_state = update(_zeros(params), state, params)
     _, plain_update, _ = _jitted("shine_refine")
     tx = _jitted("shine_refine")[0]

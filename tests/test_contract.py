@@ -26,6 +26,8 @@ import pytest
 import optax_pes
 from optax_pes._es._config import stagger_offsets
 
+from .helpers import avals, counting_jit
+
 SHAPES = {"a": (3,), "b": (2, 2), "c": ()}
 TARGET = {
     "a": np.array([0.5, -0.5, 1.0]),
@@ -131,22 +133,11 @@ def _first_losses(config, params):
     return losses
 
 
-def _counting_jit(fn):
-    """`jax.jit(fn)` and a list that grows by one every time `fn` is traced."""
-    traces = []
-
-    def counted(*args):
-        traces.append(None)
-        return fn(*args)
-
-    return jax.jit(counted), traces
-
-
 @functools.cache
 def _jitted(config):
     """A transformation, its jitted `update` and trace count, shared by the tests."""
     tx = _make(config)
-    update, traces = _counting_jit(tx.update)
+    update, traces = counting_jit(tx.update)
     return tx, update, traces
 
 
@@ -156,11 +147,6 @@ def _params(dtype=jnp.float32):
 
 def _zeros(tree):
     return jax.tree.map(jnp.zeros_like, tree)
-
-
-def _avals(tree):
-    """Structure, then shape, dtype and weak type of every leaf (keys included)."""
-    return jax.tree.structure(tree), [jax.typeof(x) for x in jax.tree.leaves(tree)]
 
 
 def _numeric(tree):
@@ -207,11 +193,11 @@ def test_jit_update_keeps_params_structure(config):
     params = _params()
     state = tx.init(params)
     updates, new_state = update(_zeros(params), state, params)
-    assert _avals(updates) == _avals(params)
+    assert avals(updates) == avals(params)
     _assert_finite(updates)
     assert any(np.any(u != 0) for u in jax.tree.leaves(updates))
     # The state keeps its structure, shapes and dtypes (weak types included).
-    assert _avals(new_state) == _avals(state)
+    assert avals(new_state) == avals(state)
     # The int32 step counter is carried: every particle took one window of steps
     # from its group's phase (its stagger offset; no episode ends in this window).
     step = new_state.inner_state["step"]
@@ -221,14 +207,42 @@ def test_jit_update_keeps_params_structure(config):
 
 
 @pytest.mark.parametrize("config", CONFIGS)
+def test_eager_updates_compile_once(config, monkeypatch):
+    """Called outside jit, an update compiles its window once, not on every call
+    (an eager lax.scan re-traces its body each time)."""
+    traces = []
+    base = _system(config.horizon)
+
+    def counted_step(theta, state, key):
+        traces.append(None)
+        return base.step(theta, state, key)
+
+    counted = optax_pes.UnrolledSystem(base.init, counted_step, base.horizon)
+    monkeypatch.setattr(f"{__name__}._system", lambda horizon: counted)
+    tx = _make(config)
+    params = _params()
+    state = tx.init(params)
+    updates, state = tx.update(_zeros(params), state, params)
+    seen = len(traces)
+    for _ in range(2):
+        again, state = tx.update(_zeros(params), state, params)
+    assert len(traces) == seen
+    assert avals(again) == avals(updates)
+    # Eager bad params are still refused before anything runs.
+    bad = jax.tree.map(lambda p: jnp.full_like(p, jnp.nan), params)
+    with pytest.raises(ValueError, match="params must be finite"):
+        tx.update(_zeros(params), state, bad)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
 def test_unexpected_keyword_arguments_accepted(config):
     tx = _make(config)
     params = _params()
     state = tx.init(params)
     update = functools.partial(tx.update, foo=1, batch=jnp.ones((5, 2)))
     updates, new_state = jax.eval_shape(update, _zeros(params), state, params)
-    assert _avals(updates) == _avals(params)
-    assert _avals(new_state) == _avals(state)
+    assert avals(updates) == avals(params)
+    assert avals(new_state) == avals(state)
     # optax.chain hands every extra argument to every member.
     chain = optax.chain(tx, optax.adam(1e-2))
     updates, _ = jax.eval_shape(
@@ -237,7 +251,7 @@ def test_unexpected_keyword_arguments_accepted(config):
         chain.init(params),
         params,
     )
-    assert _avals(updates) == _avals(params)
+    assert avals(updates) == avals(params)
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -370,13 +384,13 @@ def test_float64_kept_and_state_survives_lax_cond(config, x64):
             pred, lambda: tx.update(updates, state, params), lambda: (updates, state)
         )
 
-    update_if, traces = _counting_jit(update_if)
+    update_if, traces = counting_jit(update_if)
     updates, new_state = update_if(True, _zeros(params), state, params)
-    assert _avals(updates) == _avals(params)
+    assert avals(updates) == avals(params)
     for leaf in jax.tree.leaves(updates):
         assert leaf.dtype == jnp.float64
     _assert_finite(updates)
-    assert _avals(new_state) == _avals(state)
+    assert avals(new_state) == avals(state)
     assert int(new_state.count) == 1
     kept_updates, kept = update_if(False, updates, new_state, params)
     _assert_trees_equal(kept, new_state)
@@ -404,7 +418,7 @@ def test_inject_hyperparams(name):
         getattr(optax_pes, name), static_args=static_args
     )
     injected = factory(**kwargs)
-    inject_update, traces = _counting_jit(injected.update)
+    inject_update, traces = counting_jit(injected.update)
     params = _params()
     zeros = _zeros(params)
 

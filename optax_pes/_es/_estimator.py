@@ -15,7 +15,8 @@ window's), and what noise it carries to the next window.
 """
 
 import abc
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -185,6 +186,25 @@ def check_finite_params(params: PyTree) -> None:
             )
 
 
+def compiled_when_eager(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn`, run through one `jax.jit` of it when called on concrete values.
+
+    An update called eagerly (outside `jit`, as a plain optax loop may) would
+    otherwise re-trace and re-compile its window's `lax.scan` on every call: the
+    compiled program is cached here, per input shapes, for the estimator's lifetime.
+    Inside a trace (`jit`, `vmap`, `grad`) `fn` is inlined as it is.
+    """
+    jitted = jax.jit(fn)
+
+    @functools.wraps(fn)
+    def call(*args):
+        if all(is_concrete(leaf) for leaf in jax.tree.leaves(args)):
+            return jitted(*args)
+        return fn(*args)
+
+    return call
+
+
 class Draw(NamedTuple):
     """A window's perturbations, drawn from the state's key (deterministic)."""
 
@@ -255,9 +275,8 @@ def estimator(
             noise=policy.init_noise(config, flat),
         )
 
-    def update_fn(updates, state, params=None, **extra_args):
-        del extra_args
-        require_params(params, config.name)
+    @compiled_when_eager
+    def update(updates, state, params):
         loss_dtype = check_against_system(system, params)  # names what is wrong
         d = draw(config, policy, state, params)
         unravel_all = jax.vmap(d.unravel)
@@ -274,5 +293,11 @@ def estimator(
         )
         estimate, new_state = credit(config, policy, state, d, result)
         return add_to_updates(updates, estimate), new_state
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
+        require_params(params, config.name)
+        check_finite_params(params)  # eagerly an error; under jit, counted
+        return update(updates, state, params)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

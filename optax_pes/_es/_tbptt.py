@@ -10,7 +10,7 @@ from jaxtyping import PRNGKeyArray, PyTree
 
 from optax_pes._checks import is_params_placeholder, require_params
 from optax_pes._es._config import configure
-from optax_pes._es._estimator import check_finite_params
+from optax_pes._es._estimator import check_finite_params, compiled_when_eager
 from optax_pes._es._state import (
     EstimatorState,
     NoNoise,
@@ -76,7 +76,11 @@ def tbptt(
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
         require_params(params, "tbptt")
-        check_finite_params(params)
+        check_finite_params(params)  # eagerly an error; under jit, counted
+        return update(updates, state, params)
+
+    @compiled_when_eager
+    def update(updates, state, params):
         loss_dtype = check_against_system(system, params)
         rng_key, _, window_key = jax.random.split(state.rng_key, 3)
         n = config.num_particles

@@ -164,6 +164,30 @@ def make_layer(d: int, rho: float, key) -> Layer:
     return Layer(w, u, b)
 
 
+class ConvLayer(eqx.Module):
+    """f(z, x) = tanh(gain * layernorm(conv3x3(z)) + x), one (H, W, C) sample, NHWC."""
+
+    kernel: jax.Array  # (3, 3, C, C), HWIO
+    gain: float = eqx.field(static=True)
+
+    def __call__(self, z, x):
+        y = jax.lax.conv_general_dilated(
+            z[None],
+            self.kernel,
+            (1, 1),
+            "SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )[0]
+        y = (y - y.mean()) / (y.std() + 1e-5)
+        return jnp.tanh(self.gain * y + x)
+
+
+def make_conv_layer(channels: int, gain: float, key) -> ConvLayer:
+    """A random 3x3 convolutional DEQ layer on (H, W, channels) states."""
+    kernel = jax.random.normal(key, (3, 3, channels, channels)) / np.sqrt(9 * channels)
+    return ConvLayer(kernel, gain)
+
+
 # ------------------------------------------------------------------ bi-level -------
 
 

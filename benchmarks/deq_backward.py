@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import lineax as lx
 import numpy as np
 import optimistix as optx
-from _problems import Layer, make_layer
+from _problems import Layer, make_conv_layer, make_layer
 from _timing import block, compare, cosine, medians, ms, of_thunks
 
 import optax_pes
@@ -216,6 +216,118 @@ def backward_section(args, layer, xs, z0, zs_exact, cotangent):
     return times, cos, fwd_time
 
 
+# ------------------------------------------------------------- conv layer ------
+
+
+def unrolled_exact(layer, xs, zs, steps: int):
+    """A hand-written exact backward: `steps` unrolled iterations of
+    w <- zbar + J^T w per sample (vmapped), then one batched VJP w.r.t. (params, x).
+    Returns a jitted `(cotangent) -> grads` and the residual it reaches."""
+    params, static = eqx.partition(layer, eqx.is_inexact_array)
+
+    def grads(params, xs, zs, cotangent):
+        model = eqx.combine(params, static)
+
+        def w_of(x, z, g):
+            _, vjp = jax.vjp(lambda z: model(z, x), z)
+            w = g
+            for _ in range(steps):
+                w = g + vjp(w)[0]
+            return w, jnp.linalg.norm(g + vjp(w)[0] - w) / jnp.linalg.norm(w)
+
+        ws, res = jax.vmap(w_of)(xs, zs, cotangent)
+        batched = lambda p, xs: jax.vmap(lambda x, z: eqx.combine(p, static)(z, x))(
+            xs, zs
+        )
+        return jax.vjp(batched, params, xs)[1](ws), res
+
+    run = jax.jit(grads)
+    return (lambda cotangent: run(params, xs, zs, cotangent)[0]), (
+        lambda cotangent: float(jnp.max(run(params, xs, zs, cotangent)[1]))
+    )
+
+
+def conv_section(args) -> str:
+    """Every adjoint on the convolutional layer, against one batched VJP of f at z*
+    and an unrolled exact backward at the same tolerance; returns a summary table."""
+    key = jax.random.key(args.seed)
+    k_layer, k_x, k_ct = jax.random.split(key, 3)
+    size, channels, batch = 8, args.conv_channels, args.conv_batch
+    layer = make_conv_layer(channels, args.conv_gain, k_layer)
+    shape = (size, size, channels)
+    xs = jax.random.normal(k_x, (batch, *shape))
+    z0 = jnp.zeros(shape)
+    cotangent = jax.random.normal(k_ct, (batch, *shape))
+    print(
+        f"\n######## conv layer tanh({args.conv_gain} * layernorm(conv3x3(z)) + x), "
+        f"z {shape} NHWC, batch {batch}, Broyden memory 30, tol {args.tol}"
+    )
+    solver = optax_pes.Broyden(max_steps=args.max_steps, tol=args.tol, memory=30)
+    adjoints: dict[str, Any] = {
+        "JacobianFree": optax_pes.JacobianFree(),
+        "Shine": optax_pes.Shine(),
+        "Shine(fallback)": optax_pes.Shine(fallback=True),
+        **{f"Shine(refine={r})": optax_pes.Shine(refine_steps=r) for r in (1, 2, 5)},
+        "Implicit(gmres)": optax_pes.Implicit(max_steps=100, tol=args.tol),
+        "Implicit(fixed_point)": optax_pes.Implicit(
+            max_steps=100, tol=args.tol, linear_solver="fixed_point"
+        ),
+    }
+    vjps: dict[str, Any] = {}
+    fwd_fns: dict[str, Callable[[], Any]] = {}
+    for name, adjoint in adjoints.items():
+        vjps[name], fwd_fns[name] = deq_pullback(layer, solver, adjoint, xs, z0)
+    deq = optax_pes.DEQ(layer, solver=solver)
+    zs, info = block(jax.jit(jax.vmap(lambda x: deq.solve(x, z0)))(xs))
+    vjps["VJP of f at z*"] = layer_pullback(layer, xs, zs)
+    pulls = {k: (lambda v=v: pull(v, cotangent)) for k, v in vjps.items()}
+    exact_fn, exact_res = unrolled_exact(layer, xs, zs, args.conv_exact_steps)
+    pulls[f"unrolled exact ({args.conv_exact_steps})"] = lambda: exact_fn(cotangent)
+    reference = unrolled_exact(layer, xs, zs, 200)[0](cotangent)
+    grads = {k: block(fn()) for k, fn in pulls.items()}
+    cos = {}
+    for k, (gp, gx) in grads.items():
+        gp = gp.fn if isinstance(gp, optax_pes.DEQ) else gp
+        cos[k] = cosine((gp, gx), reference)
+    times = interleaved(pulls, args.repeats)
+    print(
+        f"forward: {float(jnp.mean(info.steps)):.1f} Broyden steps (mean); unrolled "
+        f"exact backward's residual |zbar + J^T w - w| / |w| <= "
+        f"{exact_res(cotangent):.1e}"
+    )
+    print(f"{'':24} {'time':>12} {'/ VJP':>7} {'/ Shine':>9} {'cos(exact)':>12}")
+    vjp_t, shine = times["VJP of f at z*"], times["Shine"]
+    for k, t in times.items():
+        print(
+            f"{k:24} {ms(t, '9.3f', unit=True)} {t / vjp_t:7.2f} {t / shine:9.2f} "
+            f"{cos[k]:12.4f}"
+        )
+    exact_t = times[f"unrolled exact ({args.conv_exact_steps})"]
+    rows = [
+        ("Shine / one batched VJP of f at z*", shine / vjp_t),
+        ("Shine(refine=5) / Shine", times["Shine(refine=5)"] / shine),
+        (
+            "Implicit(fixed_point) / unrolled exact",
+            times["Implicit(fixed_point)"] / exact_t,
+        ),
+        ("Implicit(gmres) / unrolled exact", times["Implicit(gmres)"] / exact_t),
+        ("Implicit(fixed_point) / Shine", times["Implicit(fixed_point)"] / shine),
+        ("cosine Shine / JacobianFree", None),
+    ]
+    lines = [
+        f"| {jax.devices()[0].platform} | conv (8, 8, {channels}) x {batch} | {label} "
+        + (
+            f"| {value:.2f} |"
+            if value is not None
+            else f"| {cos['Shine']:.3f} / {cos['JacobianFree']:.3f} |"
+        )
+        for label, value in rows
+    ]
+    return "\n".join(
+        ["| device | layer | ratio | measured |", "|---|---|---|---|", *lines]
+    )
+
+
 # ------------------------------------------------------------------ forward ------
 
 
@@ -361,7 +473,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed calls")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-forward", action="store_true")
+    parser.add_argument("--skip-conv", action="store_true", help="no conv layer")
+    parser.add_argument("--conv-channels", type=int, default=None)
+    parser.add_argument("--conv-batch", type=int, default=None)
+    parser.add_argument("--conv-gain", type=float, default=0.6)
+    parser.add_argument("--conv-exact-steps", type=int, default=32)
     args = parser.parse_args()
+    args.conv_channels = args.conv_channels or (32 if args.quick else 64)
+    args.conv_batch = args.conv_batch or (16 if args.quick else 64)
     args.dim = args.dim or (128 if args.quick else 256)
     args.batch = args.batch or (64 if args.quick else 256)
     args.repeats = args.repeats or (15 if args.quick else 60)
@@ -375,6 +494,8 @@ def main() -> None:
     )
     start = time.perf_counter()
     tables = [run_layer(args, rho) for rho in args.rho]
+    if not args.skip_conv:
+        tables.append(conv_section(args))
     for table in tables:
         print("\n" + table)
     print(NOTES)

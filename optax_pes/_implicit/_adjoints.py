@@ -36,7 +36,7 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Bool, Float, PyTree
 
 from optax_pes._checks import check_choice, check_float, check_int
-from optax_pes._implicit._flat import FlatFn, flat_layer
+from optax_pes._implicit._flat import FlatFn, flat_layer, flat_vjp
 from optax_pes._implicit._solvers import AbstractSolver, LowRankInverse
 from optax_pes._tree import stop_gradient
 
@@ -189,7 +189,7 @@ class Shine(_AbstractCotangentAdjoint):
             w = jnp.where(too_big, grad, w)
         if not self.refine_steps:
             return w, None
-        _, vjp = jax.vjp(layer, z_star)
+        vjp = flat_vjp(layer, z_star)
         if self.refine_solver == "gmres":
             # (lineax's first GMRES pass only computes the residual of y0.) GMRES
             # never increases the residual: only a non-finite result fails.
@@ -203,13 +203,19 @@ class Shine(_AbstractCotangentAdjoint):
             # diverged if the last one known is larger than the first (or NaN).
             def step(i, carry):
                 w, first, _ = carry
-                new = grad + vjp(w)[0]
+                new = grad + vjp(w)
                 size = jnp.linalg.norm(new - w)
                 return new, jnp.where(i == 0, size, first), size
 
             zero = jnp.zeros((), grad.dtype)
+            # refine_steps is static: unrolled, XLA fuses across steps and (on CPU)
+            # keeps its fast convolution kernels, which it drops inside loop bodies.
             refined, first, last = jax.lax.fori_loop(
-                0, self.refine_steps, step, (w, zero, zero)
+                0,
+                self.refine_steps,
+                step,
+                (w, zero, zero),
+                unroll=self.refine_steps <= _MAX_UNROLLED_REFINE,
             )
             failed = ~(last <= first)
         return jnp.where(failed, w, refined), failed
@@ -282,7 +288,7 @@ class Implicit(_AbstractCotangentAdjoint):
         check_float(self.tol, "tol")
 
     def cotangent(self, layer, z_star, inverse, grad):
-        _, vjp = jax.vjp(layer, z_star)
+        vjp = flat_vjp(layer, z_star)
         if isinstance(self.linear_solver, str) and self.linear_solver == "fixed_point":
 
             def cond(c):
@@ -291,7 +297,7 @@ class Implicit(_AbstractCotangentAdjoint):
 
             def body(c):
                 i, w, _ = c
-                new = grad + vjp(w)[0]
+                new = grad + vjp(w)
                 return i + 1, new, jnp.linalg.norm(new - w)
 
             inf = jnp.asarray(jnp.inf, grad.dtype)
@@ -313,7 +319,7 @@ class Implicit(_AbstractCotangentAdjoint):
             w = _solve_transposed(vjp, grad, solver, None)
             # lineax reports max_steps_reached even when the last cycle converged:
             # judge by the residual instead.
-            residual = jnp.linalg.norm(grad - w + vjp(w)[0])
+            residual = jnp.linalg.norm(grad - w + vjp(w))
             atol = getattr(solver, "atol", self.tol)
             rtol = getattr(solver, "rtol", self.tol)
             bound = atol + rtol * jnp.linalg.norm(grad)
@@ -330,6 +336,9 @@ class Implicit(_AbstractCotangentAdjoint):
         )
 
 
+# Shine's fixed-point refinement runs unrolled up to this many steps, in a loop beyond.
+_MAX_UNROLLED_REFINE = 20
+
 # A backward solve counts as converged within this factor of its tolerance: solvers
 # estimate their residual slightly differently; a failure is orders of magnitude off.
 _RESIDUAL_SLACK = 10.0
@@ -339,7 +348,7 @@ def _solve_transposed(vjp, grad, solver, y0):
     """Solve $(I - J_f^\top) w = \bar z$ with a lineax solver (not raising); `vjp`
     is $f$'s at $z^*$."""
     operator = lx.FunctionLinearOperator(
-        lambda w: w - vjp(w)[0], jax.ShapeDtypeStruct(grad.shape, grad.dtype)
+        lambda w: w - vjp(w), jax.ShapeDtypeStruct(grad.shape, grad.dtype)
     )
     options = {} if y0 is None else {"y0": y0}
     return lx.linear_solve(operator, grad, solver, options=options, throw=False).value

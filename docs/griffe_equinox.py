@@ -22,6 +22,10 @@ _EQX_MODULE = {
     "equinox.Module",
     "equinox._module.Module",
     "equinox._module._module.Module",
+    # Flax linen modules are dataclasses too (optax_pes.linen.DEQ).
+    "flax.linen.Module",
+    "flax.linen.module.Module",
+    "nn.Module",
 }
 _FIELD_CALLS = {"field", "eqx.field", "equinox.field", "dataclasses.field"}
 

@@ -113,43 +113,40 @@ def meta_loss_fn(system, keys):
 # ------------------------------------------------------------- meta-training ----
 
 
-def meta_train(estimator, theta0, args, meta_loss, desc):
+def meta_train(estimator, theta0, args, meta_loss):
     """`args.outer_steps` steps of Adam (cosine-decayed learning rate) on the
-    estimator's gradient from `theta0`, in jitted chunks of `lax.scan`s; the meta-loss
-    of theta is evaluated after every chunk (untimed)."""
+    estimator's gradient from `theta0` with `optax_pes.outer_loop` (jitted chunks of
+    `lax.scan`); the meta-loss of theta is evaluated after every chunk (untimed).
+    The compilation, the first chunk's time beyond a later chunk's, is left out of
+    `seconds`."""
     schedule = optax.cosine_decay_schedule(args.outer_lr, args.outer_steps, alpha=0.1)
     tx = optax.chain(estimator, optax.adam(schedule))
-    zeros = jax.tree.map(jnp.zeros_like, theta0)
+    steps, evals, chunk_s = [0], [float(meta_loss(theta0))], []
+    state = tx.init(theta0)
+    tick = [time.perf_counter()]  # when the chunk under way started
 
-    def run_chunk(theta, state):
-        def body(carry, _):
-            theta, state = carry
-            updates, state = tx.update(zeros, state, theta)
-            theta = optax.apply_updates(theta, updates)
-            return (theta, state), state[0].diagnostics.mean_loss
-
-        return jax.lax.scan(body, (theta, state), None, length=args.eval_every)
-
-    theta, state = theta0, tx.init(theta0)
-    start = time.perf_counter()
-    run_chunk = jax.jit(run_chunk).lower(theta, state).compile()
-    compile_s = time.perf_counter() - start
-    evals, window_losses, seconds = [float(meta_loss(theta0))], [], 0.0
-    bar = tqdm(range(args.outer_steps // args.eval_every), desc=desc, leave=False)
-    for _ in bar:
-        start = time.perf_counter()
-        (theta, state), losses = jax.block_until_ready(run_chunk(theta, state))
-        seconds += time.perf_counter() - start
-        window_losses.append(np.asarray(losses))
+    def on_chunk(theta, state, done):
+        chunk_s.append(time.perf_counter() - tick[0])
+        steps.append(done)
         evals.append(float(meta_loss(theta)))
-        bar.set_postfix(meta_loss=f"{evals[-1]:.4f}")
+        tick[0] = time.perf_counter()
+
+    theta, _, history = optax_pes.outer_loop(
+        tx,
+        theta0,
+        args.outer_steps,
+        state=state,
+        chunk=args.eval_every,
+        record_theta=False,
+        on_chunk=on_chunk,
+    )
+    compile_s = chunk_s[0] - np.median(chunk_s[1:]) if len(chunk_s) > 1 else 0.0
     return dict(
         theta=theta,
-        steps=np.arange(len(evals)) * args.eval_every,
+        steps=np.array(steps),
         meta_loss=np.array(evals),
-        window_loss=np.concatenate(window_losses),
-        seconds=seconds,
-        compile=compile_s,
+        window_loss=history.diagnostics["mean_loss"],
+        seconds=float(np.sum(chunk_s) - compile_s),
     )
 
 
@@ -242,7 +239,7 @@ def main():
     )
     estimators = {"PES": optax_pes.pes, "truncated ES": optax_pes.truncated_es}
     results = {
-        name: meta_train(make(system, **es), theta0, args, meta_loss, name)
+        name: meta_train(make(system, **es), theta0, args, meta_loss)
         for name, make in estimators.items()
     }
 

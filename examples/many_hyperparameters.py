@@ -127,36 +127,32 @@ def layer_names():
 # ---------------------------------------------------------------------- runs ----
 
 
-def run_estimator(tx, theta0, num_chunks, chunk, desc):
-    """`num_chunks * chunk` outer steps of `tx` from `theta0`, in jitted chunks of
-    `lax.scan`. Returns the thetas after each chunk (index 0: theta0, stacked), the
-    particles' mean per-step objective per outer step, and the wall-clock time of
-    the steps (compilation, done ahead of time, reported apart)."""
-    zeros = jax.tree.map(jnp.zeros_like, theta0)
+def run_estimator(tx, theta0, num_chunks, chunk):
+    """`num_chunks * chunk` outer steps of `tx` from `theta0` with
+    `optax_pes.outer_loop` (jitted chunks of `lax.scan`). Returns the thetas after
+    each chunk (index 0: theta0, stacked), and the wall-clock time of the steps and
+    of the compilation: the first chunk's time beyond a later chunk's."""
+    thetas, ticks = [theta0], []
 
-    def run_chunk(theta, state):
-        def body(carry, _):
-            theta, state = carry
-            updates, state = tx.update(zeros, state, theta)
-            theta = optax.apply_updates(theta, updates)
-            return (theta, state), state[0].diagnostics.mean_loss
+    def on_chunk(theta, state, done):
+        thetas.append(jax.block_until_ready(theta))
+        ticks.append(time.perf_counter())
 
-        return jax.lax.scan(body, (theta, state), None, length=chunk)
-
-    theta, state = theta0, tx.init(theta0)
-    start = time.perf_counter()
-    compiled = jax.jit(run_chunk).lower(theta, state).compile()
-    compile_s = time.perf_counter() - start
-    thetas, losses = [theta0], []
-    start = time.perf_counter()
-    for _ in tqdm(range(num_chunks), desc=f"{desc:<13}", leave=False):
-        (theta, state), mean_loss = compiled(theta, state)
-        thetas.append(theta)
-        losses.append(mean_loss)
-    jax.block_until_ready(theta)
-    run_s = time.perf_counter() - start
+    state = tx.init(theta0)
+    ticks.append(time.perf_counter())
+    optax_pes.outer_loop(
+        tx,
+        theta0,
+        num_chunks * chunk,
+        state=state,
+        chunk=chunk,
+        record_theta=False,
+        on_chunk=on_chunk,
+    )
+    chunk_s = np.diff(ticks)
+    compile_s = chunk_s[0] - np.median(chunk_s[1:]) if len(chunk_s) > 1 else 0.0
     thetas = jax.tree.map(lambda *xs: jnp.stack(xs), *thetas)
-    return thetas, np.concatenate([np.asarray(x) for x in losses]), run_s, compile_s
+    return thetas, float(np.sum(chunk_s) - compile_s), float(compile_s)
 
 
 def sample_thetas(rng, theta0, num):
@@ -334,16 +330,13 @@ def main():
         # constant step would leave theta jittering around at the end.
         schedule = optax.cosine_decay_schedule(args.lr, checkpoints * chunk)
         tx = optax.chain(estimator(system, key=seed, **es), optax.adam(schedule))
-        thetas, mean_loss, run_s, compile_s = run_estimator(
-            tx, theta0, checkpoints, chunk, name
-        )
+        thetas, run_s, compile_s = run_estimator(tx, theta0, checkpoints, chunk)
         results[name] = dict(
             thetas=thetas,
             steps=np.arange(checkpoints + 1) * chunk * cost,
             updates=f"{checkpoints * chunk} updates",
             run_s=run_s,
             compile_s=compile_s,
-            mean_loss=mean_loss,
         )
     thetas, values, run_s, compile_s = random_search(
         system, theta0, checkpoints, rs_chunk, seed=1

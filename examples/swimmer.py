@@ -34,7 +34,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm import tqdm
 
 import optax_pes
 
@@ -71,39 +70,30 @@ def episode_returns(system, num_episodes, seed=12345):
     return evaluate
 
 
-def train(
-    tx, theta, *, learning_rate, num_updates, num_evals, evaluate, env_steps, desc
-):
+def train(tx, theta, *, learning_rate, num_updates, num_evals, evaluate, env_steps):
     """Adam + `tx` for `num_updates` updates (rounded down to `num_evals` equal
-    chunks), evaluated after each chunk.
+    chunks) with `optax_pes.outer_loop`, evaluated after each chunk.
 
     Returns `(env_steps_used, returns, seconds)`, the first two starting at theta0.
     """
     tx = optax.chain(tx, optax.adam(learning_rate))
     num_evals = min(num_evals, num_updates)
     chunk = num_updates // num_evals
-
-    @jax.jit
-    def run_chunk(theta, state):
-        def body(carry, _):
-            theta, state = carry
-            updates, state = tx.update(
-                jax.tree.map(jnp.zeros_like, theta), state, theta
-            )
-            return (optax.apply_updates(theta, updates), state), None
-
-        return jax.lax.scan(body, (theta, state), None, length=chunk)[0]
-
     start = time.perf_counter()
-    state = tx.init(theta)
     used, returns = [0], [float(evaluate(theta))]
-    with tqdm(total=chunk * num_evals, desc=desc, leave=False) as bar:
-        for i in range(num_evals):
-            theta, state = run_chunk(theta, state)
-            used.append((i + 1) * chunk * env_steps)
-            returns.append(float(evaluate(theta)))
-            bar.update(chunk)
-            bar.set_postfix(ret=f"{returns[-1]:.1f}")
+
+    def on_chunk(theta, state, done):
+        used.append(done * env_steps)
+        returns.append(float(evaluate(theta)))
+
+    optax_pes.outer_loop(
+        tx,
+        theta,
+        chunk * num_evals,
+        chunk=chunk,
+        record_theta=False,
+        on_chunk=on_chunk,
+    )
     return np.array(used), np.array(returns), time.perf_counter() - start
 
 
@@ -140,7 +130,6 @@ def compare(system, theta0, args, *, title):
             num_evals=args.num_evals,
             evaluate=evaluate,
             env_steps=per_update,
-            desc=name,
         )
     target = curves["full ES"][1][-1]
     print(f"\n{title}")

@@ -173,39 +173,32 @@ class MetaLoss:
 # ------------------------------------------------------------------- runs ----
 
 
-def train(tx, theta, num_steps, chunk, desc):
-    """`num_steps` outer steps of `tx` from `theta` in jitted chunks of `lax.scan`.
+def train(tx, theta, num_steps, chunk):
+    """`num_steps` outer steps of `tx` from `theta` with `optax_pes.outer_loop`
+    (jitted chunks of `lax.scan`, a progress bar with the meta-loss).
 
     Returns the trajectory of theta, shape `(num_steps + 1, 2)`, the number of
     particle windows left out of the estimates for a non-finite loss (diverged), and
-    the wall-clock time of the steps and of the compilation (ahead of time).
+    the wall-clock time of the steps and of the compilation: the first chunk's time
+    beyond a later chunk's (the first call compiles).
     """
     state = tx.init(theta)
-    zeros = jnp.zeros_like(theta)
-
-    def run_chunk(theta, state):
-        def body(carry, _):
-            theta, state = carry
-            updates, state = tx.update(zeros, state, theta)
-            theta = optax.apply_updates(theta, updates)
-            return (theta, state), (theta, state[0].diagnostics.num_nonfinite)
-
-        return jax.lax.scan(body, (theta, state), None, length=chunk)
-
-    start = time.perf_counter()
-    compiled = jax.jit(run_chunk).lower(theta, state).compile()
-    compile_s = time.perf_counter() - start
-    start = time.perf_counter()
-    trajectory, nonfinite = [np.asarray(theta)[None]], 0
-    for _ in tqdm(range(num_steps // chunk), desc=desc, leave=False):
-        (theta, state), (thetas, bad) = compiled(theta, state)
-        trajectory.append(np.asarray(thetas))
-        nonfinite += int(np.sum(bad))
+    ticks = [time.perf_counter()]
+    _, _, history = optax_pes.outer_loop(
+        tx,
+        theta,
+        num_steps,
+        state=state,
+        chunk=chunk,
+        on_chunk=lambda *_: ticks.append(time.perf_counter()),
+    )
+    chunk_s = np.diff(ticks)
+    compile_s = chunk_s[0] - np.median(chunk_s[1:]) if len(chunk_s) > 1 else 0.0
     return dict(
-        trajectory=np.concatenate(trajectory),
-        nonfinite=nonfinite,
-        seconds=time.perf_counter() - start,
-        compile=compile_s,
+        trajectory=np.concatenate([np.asarray(theta)[None], history.theta]),
+        nonfinite=int(np.sum(history.diagnostics["num_nonfinite"])),
+        seconds=float(np.sum(chunk_s) - compile_s),
+        compile=float(compile_s),
     )
 
 
@@ -268,7 +261,7 @@ def main():
             estimators["truncated ES"] = optax_pes.truncated_es
         for label, estimator in estimators.items():
             tx = optax.chain(estimator(system, **es, key=args.key), optax.adam(args.lr))
-            runs[label] = train(tx, theta0, steps, steps // 10, f"{label} {name}")
+            runs[label] = train(tx, theta0, steps, max(1, steps // 10))
         # Start, final thetas and the grid's best, re-evaluated on fresh seeds.
         table_thetas = np.stack(
             [np.asarray(theta0), grid_thetas[best]]

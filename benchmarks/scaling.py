@@ -14,6 +14,14 @@ Prints, measured side by side in one run (never as tests):
    cores: beyond the core count they cannot speed anything up. `--real-devices` uses
    `jax.devices()` in this process instead (e.g. a multi-GPU host). Every D also checks
    that the sharded estimate equals the single-device (mesh=None) one.
+2b. Processes (`--sections processes`, or `--processes 1 2`). JAX's multi-controller
+   runtime on this machine: P processes on 127.0.0.1 (`jax.distributed.initialize`,
+   one CPU device each), the particle axis sharded over a mesh of all P devices.
+   Each P is a group of P child processes kept alive and sampled in turn (a sample:
+   the same fixed number of updates in every process, timed by process 0); printed:
+   the update time against P=1 at the same N, and whether the estimate of 3 updates
+   (gathered) equals the single-process mesh=None one. The P processes share the
+   machine's cores, as forced host devices do.
 3. Memory vs horizon. XLA's compiled memory analysis (temp + arguments + outputs) of
    the PES update for T = 100 ... 100,000 at K = 10 and 100: flat in T. For contrast,
    `jax.grad` of the summed full unroll (`optax_pes.unroll`, backpropagation through
@@ -28,13 +36,16 @@ and, in section 1, the PES paper's influence-balancing system (n = 23).
     python benchmarks/scaling.py                  # default settings (< 6 min, 2 cores)
     python benchmarks/scaling.py --quick          # small sizes (< 3 min)
     python benchmarks/scaling.py --real-devices   # section 2 on jax.devices()
+    python benchmarks/scaling.py --sections processes --processes 1 2
 """
 
+# ruff: noqa: E402 (a process worker joins JAX's runtime before the imports below build arrays)
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -42,6 +53,23 @@ import time
 from typing import Any
 
 import jax
+
+
+def _join_runtime_if_worker(argv: list[str]) -> None:
+    """A `--process-worker` must join JAX's multi-controller runtime before anything
+    touches a backend, and importing `_problems` builds arrays: join here."""
+    if "--process-worker" not in argv:
+        return
+    value = lambda flag: int(argv[argv.index(flag) + 1])
+    jax.distributed.initialize(
+        coordinator_address=f"127.0.0.1:{value('--port')}",
+        num_processes=value("--num-processes"),
+        process_id=value("--process-worker"),
+    )
+
+
+_join_runtime_if_worker(sys.argv)
+
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -261,34 +289,52 @@ def worker(args: argparse.Namespace) -> None:
         emit(timer.sample(rep))
 
 
-class Worker:
-    """A child process of this script on `d` forced host CPU devices."""
+def child_env(devices: int | None) -> dict[str, str]:
+    """This environment on the CPU, with `devices` forced host devices (None: one)."""
+    flags = [
+        f
+        for f in os.environ.get("XLA_FLAGS", "").split()
+        if not f.startswith(DEVICE_COUNT_FLAG)
+    ]
+    if devices is not None:
+        flags.append(f"{DEVICE_COUNT_FLAG}={devices}")
+    return dict(os.environ, XLA_FLAGS=" ".join(flags), JAX_PLATFORMS="cpu")
 
-    def __init__(self, d: int, args: argparse.Namespace):
-        flags = [
-            f
-            for f in os.environ.get("XLA_FLAGS", "").split()
-            if not f.startswith(DEVICE_COUNT_FLAG)
-        ]
-        env = dict(
-            os.environ,
-            XLA_FLAGS=" ".join([*flags, f"{DEVICE_COUNT_FLAG}={d}"]),
-            JAX_PLATFORMS="cpu",
+
+def child_command(args: argparse.Namespace, *extra: str) -> list[str]:
+    """This script as a worker, with the settings the workers share."""
+    return [
+        sys.executable,
+        os.path.abspath(__file__),
+        *extra,
+        "--device-particles",
+        str(args.device_particles),
+        "--k",
+        str(args.k),
+        "--horizon",
+        str(args.horizon),
+        "--budget",
+        str(args.budget),
+        "--process-calls",
+        str(args.process_calls),
+    ]
+
+
+class Worker:
+    """A child process of this script: on `d` forced host CPU devices, or (with
+    `command` and `env`) any worker mode."""
+
+    def __init__(
+        self,
+        d: int,
+        args: argparse.Namespace,
+        command: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ):
+        env = child_env(d) if env is None else env
+        command = (
+            child_command(args, "--worker", str(d)) if command is None else command
         )
-        command = [
-            sys.executable,
-            os.path.abspath(__file__),
-            "--worker",
-            str(d),
-            "--device-particles",
-            str(args.device_particles),
-            "--k",
-            str(args.k),
-            "--horizon",
-            str(args.horizon),
-            "--budget",
-            str(args.budget),
-        ]
         self.d = d
         self.stderr = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(
@@ -435,6 +481,139 @@ def section_devices(args: argparse.Namespace, table: list[str]) -> None:
     print(note)
 
 
+# ------------------------------------------------------------------ 2b. processes --
+
+
+def process_worker(args: argparse.Namespace) -> None:
+    """One of P processes (JAX's multi-controller runtime on 127.0.0.1): set up, check,
+    then on each 'sample' line run the same fixed number of updates as its peers."""
+    from jax.experimental import multihost_utils
+
+    # (The runtime was joined at import: _join_runtime_if_worker.)
+    mesh = jax.make_mesh(
+        (jax.device_count(),), ("particles",), axis_types=(jax.sharding.AxisType.Auto,)
+    )
+    system = digits_system(args.horizon)
+    theta = THETA0["digits"]
+    zeros = jnp.zeros_like(theta)
+    start = time.perf_counter()
+    tx = make_pes(system, args.device_particles, args.k, mesh=mesh)
+    estimates, state, update = run_updates(tx, theta, 3)
+    gathered = multihost_utils.process_allgather(estimates, tiled=True)
+    ready = {"ready": True, "compile_s": time.perf_counter() - start}
+    if jax.process_index() == 0:
+        emit({**ready, "estimates": np.asarray(gathered).tolist()})
+    for line in sys.stdin:
+        if line.strip() != "sample":
+            break
+        start = time.perf_counter()
+        for _ in range(args.process_calls):
+            state = update(zeros, state, theta)[1]
+        block(state)
+        seconds = (time.perf_counter() - start) / args.process_calls
+        if jax.process_index() == 0:
+            emit({"update": seconds})
+
+
+class ProcessGroup:
+    """P child processes of this script forming one multi-controller JAX runtime."""
+
+    def __init__(self, p: int, args: argparse.Namespace):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.p = p
+        self.workers = [
+            Worker(
+                p,
+                args,
+                command=child_command(
+                    args,
+                    "--process-worker",
+                    str(i),
+                    "--num-processes",
+                    str(p),
+                    "--port",
+                    str(port),
+                ),
+                env=child_env(None),
+            )
+            for i in range(p)
+        ]
+
+    def ready(self) -> dict[str, Any]:
+        return self.workers[0].receive()
+
+    def sample(self) -> float:
+        for w in self.workers:
+            w.proc.stdin.write("sample\n")
+            w.proc.stdin.flush()
+        return self.workers[0].receive()["update"]
+
+    def close(self) -> None:
+        for w in self.workers:
+            w.close()
+
+
+def section_processes(args: argparse.Namespace, table: list[str]) -> None:
+    n, k, horizon = args.device_particles, args.k, args.horizon
+    bad = [p for p in args.processes if n % p]
+    if bad:
+        raise SystemExit(f"--device-particles {n} is not a multiple of P in {bad}")
+    print(
+        f"\n2b. Processes: {DESCRIPTION['digits']}; N={n}, K={k}, T={horizon}, "
+        f"stagger; P processes on 127.0.0.1 (one CPU device each, {num_cores()} "
+        f"cores); {args.process_calls} updates per sample (milliseconds per update)",
+        flush=True,
+    )
+    started = time.perf_counter()
+    reference, _, _ = run_updates(
+        make_pes(digits_system(horizon), n, k), THETA0["digits"], 3
+    )
+    reference = np.asarray(reference)
+    groups: list[ProcessGroup] = []
+    samples: dict[int, list[float]] = {}
+    checks: dict[int, tuple[bool, float]] = {}
+    try:
+        for p in args.processes:
+            groups.append(ProcessGroup(p, args))
+            ready = groups[-1].ready()
+            got = np.asarray(ready["estimates"])
+            scale = float(np.max(np.abs(reference)))
+            checks[p] = (
+                bool(np.allclose(got, reference, rtol=1e-5, atol=1e-5 * scale)),
+                float(np.max(np.abs(got - reference))) / scale,
+            )
+            print(f"  P={p} ready ({ready['compile_s']:.0f}s set-up)", flush=True)
+        for rep in range(args.repeats):
+            shift = rep % len(groups)
+            for g in groups[shift:] + groups[:shift]:
+                samples.setdefault(g.p, []).append(g.sample())
+    finally:
+        for g in groups:
+            g.close()
+    p0 = args.processes[0]
+    header(f"{'P':>3} | {'update':>8} {f'vs P={p0}':>8} | estimate == single process")
+    for p in args.processes:
+        vs = paired_ratio(samples[p], samples[p0])
+        equal, diff = checks[p]
+        verdict = ("yes" if equal else "NO") + f", diff {diff:.1e}"
+        print(f"{p:3d} | {ms(median(samples[p]))} {vs:8.3f} | {verdict}", flush=True)
+        table.append(
+            f"| processes | digits N={n} K={k} P={p} | time vs P={p0} {vs:.2f}; "
+            f"estimate equal: {verdict} |"
+        )
+    print(
+        f"({time.perf_counter() - started:.0f}s, set-up included)\nnotes: 'vs P={p0}': "
+        f"median of paired ratios of the update's time to P={p0}'s at the same N (per\n"
+        "  particle, the same ratio); 'diff' = max |difference| / max |estimate| of\n"
+        "  3 updates against this process's mesh=None run. The processes share this\n"
+        "  machine's cores and talk through gloo on 127.0.0.1: the figure shows what\n"
+        "  the runtime costs, not a speed-up; across hosts each process brings its\n"
+        "  own devices."
+    )
+
+
 # ------------------------------------------------------------------ 3. memory ------
 
 
@@ -535,7 +714,7 @@ def parse_args() -> argparse.Namespace:
         "--sections",
         nargs="+",
         default=["particles", "devices", "memory"],
-        choices=["particles", "devices", "memory"],
+        choices=["particles", "devices", "processes", "memory"],
     )
     parser.add_argument(
         "--systems",
@@ -576,14 +755,34 @@ def parse_args() -> argparse.Namespace:
         default=None,
         help="T values of the full-unroll jax.grad in section 3",
     )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="section 2b's P values (giving it adds the section; default 1 2)",
+    )
+    parser.add_argument(
+        "--process-calls", type=int, default=5, help="updates per sample in 2b"
+    )
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--process-worker", type=int, default=None, help=argparse.SUPPRESS
+    )
+    parser.add_argument(
+        "--num-processes", type=int, default=None, help=argparse.SUPPRESS
+    )
+    parser.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.processes is not None and "processes" not in args.sections:
+        args.sections.append("processes")
     quick = args.quick
     sampling_defaults(args, quick)
     defaults = {
         "systems": ["digits"] if quick else ["digits", "infl"],
         "particles": [8, 64] if quick else [8, 16, 32, 64, 128, 256],
         "devices": [1, 2] if quick else [1, 2, 4, 8],
+        "processes": [1, 2],
         "device_particles": 16 if quick else 64,
         "horizons": [100, 1000, 100_000] if quick else [100, 1000, 10_000, 100_000],
         "memory_truncations": [10] if quick else [10, 100],
@@ -600,6 +799,9 @@ def main() -> None:
     if args.worker is not None:
         worker(args)
         return
+    if args.process_worker is not None:
+        process_worker(args)
+        return
     print(
         f"jax {jax.__version__}, optax {optax.__version__}, backend "
         f"{jax.default_backend()}, {num_cores()} cores; repeats={args.repeats} "
@@ -611,6 +813,8 @@ def main() -> None:
         section_particles(args, table)
     if "devices" in args.sections:
         section_devices(args, table)
+    if "processes" in args.sections:
+        section_processes(args, table)
     if "memory" in args.sections:
         section_memory(args, table)
     print(f"\n(total {time.perf_counter() - started:.0f}s)\n\nSummary:")

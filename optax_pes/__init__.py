@@ -1,6 +1,6 @@
 """optax_pes: PES-family hypergradients as optax transformations; SHINE DEQ layers."""
 
-from optax_pes import tasks as tasks
+from optax_pes import models as models, tasks as tasks
 from optax_pes._es._ask_tell import (
     Ask as Ask,
     AskTell as AskTell,

@@ -2,6 +2,7 @@
 
 import equinox as eqx
 import jax
+import jax.extend
 import jax.numpy as jnp
 import lineax as lx
 import numpy as np
@@ -215,6 +216,47 @@ def test_step_leaves_inactive_samples_unchanged(solver):
     ):
         np.testing.assert_allclose(new[0], one, rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(new[1], old)
+
+
+def _eqns(jaxpr):
+    """Every equation of a jaxpr, nested jaxprs (loop bodies) included."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from _eqns(sub)
+
+
+@pytest.mark.parametrize(
+    "solver",
+    [optax_pes.Broyden(memory=3), optax_pes.Anderson(memory=3)],
+    ids=lambda s: type(s).__name__,
+)
+def test_batched_solve_indexes_history_rows_by_the_loop(solver):
+    """Under vmap, the loop's history rows are indexed by the loop's own (unbatched)
+    iteration count: every sample's row at once, not a scatter or gather at
+    per-sample indices (1.9x slower for a whole Broyden solve). The result equals the
+    per-sample solves'."""
+    layer, x, _ = _problem(0)
+    xs = jnp.stack([s * x for s in (1.0, 0.5, 2.0, 0.1, 1.5)])  # (5: not memory)
+
+    def one(x):
+        fn, z0, _ = flat_layer(layer, x, jnp.zeros(8))
+        return solve(solver, fn, z0)[0]
+
+    eqns = list(_eqns(jax.make_jaxpr(jax.vmap(one))(xs).jaxpr))
+    history = (len(xs), solver.memory, 8)  # a (batch, memory, d) buffer
+    indexed = [
+        e
+        for e in eqns
+        if e.primitive.name in ("scatter", "gather")
+        and e.invars[0].aval.shape == history
+    ]
+    assert indexed
+    for eqn in indexed:  # indices without a batch axis: not one row per sample
+        assert len(xs) not in eqn.invars[1].aval.shape, (eqn.primitive, eqn.invars)
+    batched = jax.vmap(one)(xs)
+    for i in range(len(xs)):
+        np.testing.assert_allclose(batched[i], one(xs[i]), rtol=1e-5, atol=1e-6)
 
 
 class Scaled(eqx.Module):

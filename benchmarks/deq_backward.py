@@ -247,19 +247,33 @@ def unrolled_exact(layer, xs, zs, steps: int):
     )
 
 
-def conv_section(args) -> str:
+def loss_cotangent(zs, key, classes: int = 10):
+    """The cotangent a training loss sends into z*: softmax cross-entropy of a random
+    linear readout of the spatially pooled state, at random labels."""
+    k_r, k_y = jax.random.split(key)
+    readout = jax.random.normal(k_r, (zs.shape[-1], classes)) / np.sqrt(zs.shape[-1])
+    labels = jax.random.randint(k_y, zs.shape[:1], 0, classes)
+
+    def loss(zs):
+        logits = jnp.mean(zs, axis=(1, 2)) @ readout
+        return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(len(labels)), labels])
+
+    return jax.grad(loss)(zs)
+
+
+def conv_section(args, gain: float) -> str:
     """Every adjoint on the convolutional layer, against one batched VJP of f at z*
     and an unrolled exact backward at the same tolerance; returns a summary table."""
     key = jax.random.key(args.seed)
     k_layer, k_x, k_ct = jax.random.split(key, 3)
     size, channels, batch = 8, args.conv_channels, args.conv_batch
-    layer = make_conv_layer(channels, args.conv_gain, k_layer)
+    layer = make_conv_layer(channels, gain, k_layer)
     shape = (size, size, channels)
     xs = jax.random.normal(k_x, (batch, *shape))
     z0 = jnp.zeros(shape)
     cotangent = jax.random.normal(k_ct, (batch, *shape))
     print(
-        f"\n######## conv layer tanh({args.conv_gain} * layernorm(conv3x3(z)) + x), "
+        f"\n######## conv layer tanh({gain} * layernorm(conv3x3(z)) + x), "
         f"z {shape} NHWC, batch {batch}, Broyden memory 30, tol {args.tol}"
     )
     solver = optax_pes.Broyden(max_steps=args.max_steps, tol=args.tol, memory=30)
@@ -289,6 +303,21 @@ def conv_section(args) -> str:
     for k, (gp, gx) in grads.items():
         gp = gp.fn if isinstance(gp, optax_pes.DEQ) else gp
         cos[k] = cosine((gp, gx), reference)
+    # The cotangent a classification loss sends (not a random one), and where
+    # Shine(fallback) replaced SHINE's w (its per-sample x-gradient differs).
+    loss_ct = block(loss_cotangent(zs, k_ct))
+    loss_ref = unrolled_exact(layer, xs, zs, 200)[0](loss_ct)
+    loss_cos, fired = {}, {}
+    for k in ("JacobianFree", "Shine", "Shine(fallback)", *adjoints):
+        if k in loss_cos or k.startswith("Implicit"):
+            continue
+        gp, gx = block(pull(vjps[k], loss_ct))
+        loss_cos[k] = cosine((gp.fn, gx), loss_ref)
+    for ct_name, ct in (("random", cotangent), ("loss", loss_ct)):
+        plain = pull(vjps["Shine"], ct)[1]
+        guarded = pull(vjps["Shine(fallback)"], ct)[1]
+        changed = jnp.any(plain != guarded, axis=(1, 2, 3))
+        fired[ct_name] = float(jnp.mean(changed))
     times = interleaved(pulls, args.repeats)
     print(
         f"forward: {float(jnp.mean(info.steps)):.1f} Broyden steps (mean); unrolled "
@@ -302,6 +331,14 @@ def conv_section(args) -> str:
             f"{k:24} {ms(t, '9.3f', unit=True)} {t / vjp_t:7.2f} {t / shine:9.2f} "
             f"{cos[k]:12.4f}"
         )
+    print(
+        "cosine with the exact gradient on a classification loss's cotangent: "
+        + ", ".join(f"{k} {c:.4f}" for k, c in loss_cos.items())
+    )
+    print(
+        f"Shine(fallback) fired for {fired['random']:.0%} of samples (random "
+        f"cotangent), {fired['loss']:.0%} (loss cotangent)"
+    )
     exact_t = times[f"unrolled exact ({args.conv_exact_steps})"]
     rows = [
         ("Shine / one batched VJP of f at z*", shine / vjp_t),
@@ -313,11 +350,15 @@ def conv_section(args) -> str:
         ("Implicit(gmres) / unrolled exact", times["Implicit(gmres)"] / exact_t),
         ("Implicit(fixed_point) / Shine", times["Implicit(fixed_point)"] / shine),
         ("cosine Shine / JacobianFree", None),
+        ("cosine Shine / JacobianFree, loss cotangent", "loss"),
     ]
     lines = [
-        f"| {jax.devices()[0].platform} | conv (8, 8, {channels}) x {batch} | {label} "
+        f"| {jax.devices()[0].platform} | conv gain {gain} (8, 8, {channels}) "
+        f"x {batch} | {label} "
         + (
-            f"| {value:.2f} |"
+            f"| {loss_cos['Shine']:.3f} / {loss_cos['JacobianFree']:.3f} |"
+            if value == "loss"
+            else f"| {value:.2f} |"
             if value is not None
             else f"| {cos['Shine']:.3f} / {cos['JacobianFree']:.3f} |"
         )
@@ -476,11 +517,18 @@ def main() -> None:
     parser.add_argument("--skip-conv", action="store_true", help="no conv layer")
     parser.add_argument("--conv-channels", type=int, default=None)
     parser.add_argument("--conv-batch", type=int, default=None)
-    parser.add_argument("--conv-gain", type=float, default=0.6)
+    parser.add_argument(
+        "--conv-gain",
+        type=float,
+        nargs="+",
+        default=None,
+        help="conv layers' gains, one layer each (default 0.6 1.0; --quick: 0.6)",
+    )
     parser.add_argument("--conv-exact-steps", type=int, default=32)
     args = parser.parse_args()
     args.conv_channels = args.conv_channels or (32 if args.quick else 64)
     args.conv_batch = args.conv_batch or (16 if args.quick else 64)
+    args.conv_gain = args.conv_gain or ([0.6] if args.quick else [0.6, 1.0])
     args.dim = args.dim or (128 if args.quick else 256)
     args.batch = args.batch or (64 if args.quick else 256)
     args.repeats = args.repeats or (15 if args.quick else 60)
@@ -495,7 +543,7 @@ def main() -> None:
     start = time.perf_counter()
     tables = [run_layer(args, rho) for rho in args.rho]
     if not args.skip_conv:
-        tables.append(conv_section(args))
+        tables.extend(conv_section(args, gain) for gain in args.conv_gain)
     for table in tables:
         print("\n" + table)
     print(NOTES)

@@ -289,3 +289,83 @@ def logistic_regression() -> LogisticRegression:
         held_out,
         exact_hypergradient,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class HighDimLogisticRegression:
+    """The SHINE paper's regime: more features than samples (generated, no download).
+
+    `make_classification(n_samples, n_features, n_informative=50, flip_y=0.05,
+    random_state=0)`, first half for training, second half held out, float64. The
+    data travel as the `data=(x_train, y_train, x_val, y_val)` keyword argument
+    (`shine_bilevel(..., loss_kwargs=("data",))`), not as closed-over constants: XLA
+    would constant-fold products with a 2000 x 20000 matrix at every compile.
+    """
+
+    data: tuple[jax.Array, jax.Array, jax.Array, jax.Array]
+
+    @property
+    def dim(self) -> int:
+        return self.data[0].shape[1]
+
+    @staticmethod
+    def inner_loss(w, lam, *, data):
+        x, y = data[0], data[1]
+        z = x @ w
+        reg = 0.5 * jnp.sum(jnp.exp(lam) * w**2)
+        return jnp.mean(jnp.logaddexp(0.0, z) - y * z) + reg
+
+    @staticmethod
+    def outer_loss(w, lam, *, data):
+        x, y = data[2], data[3]
+        z = x @ w
+        return jnp.mean(jnp.logaddexp(0.0, z) - y * z)
+
+    def reference(self, lam, w0=None, inner_tol=1e-10, cg_tol=1e-12):
+        """(exact hypergradient, tight w*): L-BFGS to `inner_tol` from `w0` (zeros),
+        then CG to `cg_tol` on the Hessian there."""
+        tx, update = _reference_update(self.dim, inner_tol, cg_tol)
+        state = tx.init(lam)
+        if w0 is not None:
+            state = state._replace(inner_params=w0)
+        grad, state = update(jnp.zeros_like(lam), state, lam, self.data)
+        return grad, state.inner_params
+
+    def held_out(self, lam, w0=None) -> float:
+        """The outer loss at a tight inner solution (1e-8) for `lam`."""
+        _, w = self.reference(lam, w0, inner_tol=1e-8, cg_tol=1e-2)
+        return float(self.outer_loss(w, lam, data=self.data))
+
+
+@functools.cache
+def _reference_update(dim: int, inner_tol: float, cg_tol: float):
+    tx = optax_pes.shine_bilevel(
+        HighDimLogisticRegression.inner_loss,
+        HighDimLogisticRegression.outer_loss,
+        inner_init=jnp.zeros(dim),
+        method="implicit",
+        inner_tol=inner_tol,
+        inner_max_steps=5000,
+        implicit_tol=cg_tol,
+        implicit_max_steps=5000,
+        loss_kwargs=("data",),
+    )
+    return tx, jax.jit(lambda u, s, lam, data: tx.update(u, s, lam, data=data))
+
+
+@functools.cache
+def highdim_logistic_regression(
+    n_samples: int = 4000, n_features: int = 20000
+) -> HighDimLogisticRegression:
+    """The issue-12 problem (float64: enable jax_enable_x64 before calling it)."""
+    if not jax.config.jax_enable_x64:
+        raise RuntimeError("highdim_logistic_regression() is float64: enable x64")
+    from sklearn.datasets import make_classification
+
+    x, y = make_classification(
+        n_samples, n_features, n_informative=50, flip_y=0.05, random_state=0
+    )
+    n = n_samples // 2
+    y = y.astype(np.float64)
+    data = tuple(jnp.asarray(a) for a in (x[:n], y[:n], x[n:], y[n:]))
+    return HighDimLogisticRegression(data)

@@ -29,8 +29,18 @@ with one lambda per feature (30):
    `implicit`, median over repeats of the ratios of runs taken side by side.
    Bar: shine < 1.
 
+3. `--highdim` (instead of 1-2): the SHINE paper's regime, more features than
+   samples, generated (`make_classification(4000, 20000, n_informative=50,
+   flip_y=0.05)`, half held out, float64), a scalar lambda and one per feature (at
+   -3): time per hypergradient, the backward's share of an update, error and cosine
+   against CG to 1e-12 at a w* solved to 1e-10 and at the method's own w*, jaxopt's
+   implicit differentiation, shine_refine's error against refine_steps, and short
+   tuning runs (held-out loss against wall-clock, HOAG = implicit with the
+   decreasing inner tolerance).
+
     python benchmarks/bilevel.py            # 3 inner tolerances, ~1.5 min, 2 CPUs
     python benchmarks/bilevel.py --quick    # one tolerance, fewer repeats, < 1 min
+    python benchmarks/bilevel.py --highdim  # 20,000 features, ~5-10 min, 2 CPUs
 """
 
 from __future__ import annotations
@@ -303,6 +313,216 @@ def hpo_section(args, name: str, shape: tuple, target: float) -> dict[str, dict]
     return rows
 
 
+# ------------------------------------------------------------- 3. high-dim ---
+
+HOAG = "implicit (HOAG)"  # implicit + HOAG's decreasing inner tolerance
+HIGHDIM_NOTES = """
+Notes (high-dim):
+- `backward share` = (time - jacobian_free's time) / time: the part of an update
+  that goes to v; jacobian_free runs the same inner solve with v = grad_w g. SHINE
+  can save at most the implicit method's share.
+- `vs true`: against CG to 1e-12 at a w* solved to 1e-10; `vs same w*`: against CG
+  to 1e-12 at the method's own inexact w* (what the backward alone can reach).
+- HOAG (Pedregosa 2016) = warm-started inner solves to a tolerance decreasing over
+  outer steps + CG: exactly `implicit` with inner_tol 1e-3*0.9^k, labelled so in the
+  tuning table. `jaxopt implicit` = jaxopt.LBFGS (history 30) differentiated by its
+  custom_root with CG to 1e-10.
+"""
+
+
+def highdim_transform(method, problem, inner_tol, **kwargs):
+    return optax_pes.shine_bilevel(
+        problem.inner_loss,
+        problem.outer_loss,
+        inner_init=jnp.zeros(problem.dim),
+        method=method,
+        inner_tol=inner_tol,
+        inner_max_steps=1000,
+        implicit_tol=IMPLICIT_TOL,
+        implicit_max_steps=1000,
+        loss_kwargs=("data",),
+        **kwargs,
+    )
+
+
+def highdim_jaxopt(problem, lam, w0, tol):
+    """(hypergradient, w*) by jaxopt's implicit differentiation."""
+    solver = jaxopt.LBFGS(
+        fun=lambda w, lam, data: problem.inner_loss(w, lam, data=data),
+        tol=tol,
+        maxiter=1000,
+        history_size=30,
+        implicit_diff_solve=partial(
+            jaxopt.linear_solve.solve_cg, tol=IMPLICIT_TOL, maxiter=1000
+        ),
+    )
+
+    def value(lam, data):
+        w = solver.run(w0, lam, data).params
+        return problem.outer_loss(w, lam, data=data), w
+
+    return jax.grad(value, has_aux=True)(lam, problem.data)
+
+
+def highdim_hypergradient(args, problem, name, lam, tol):
+    """Time, backward share and accuracy of one hypergradient per method."""
+    data = problem.data
+    exact, w_tight = problem.reference(lam)
+    warm = problem.reference(lam + 0.1, w_tight, cg_tol=1e-2)[1]
+    zeros = jnp.zeros_like(lam)
+    fns, est = {}, {}
+    for method in TIMED_METHODS:
+        tx = highdim_transform(method, problem, tol)
+        state = tx.init(lam)._replace(inner_params=warm)
+        update = jax.jit(lambda u, s, lam, data, tx=tx: tx.update(u, s, lam, data=data))
+        est[method], new_state = update(zeros, state, lam, data)
+        if method == "implicit":
+            w_same = new_state.inner_params
+            steps = int(new_state.inner_steps)
+        fns[method] = partial(update, zeros, state, lam, data)
+    same = _problems_reference_at(problem, lam, w_same)
+    if args.jaxopt:
+        run = jax.jit(lambda lam, w0: highdim_jaxopt(problem, lam, w0, tol))
+        est[JAXOPT] = run(lam, warm)[0]
+        fns[JAXOPT] = partial(run, lam, warm)
+    samples = compare(of_thunks(fns, 1), args.highdim_repeats, rotate=False)
+    base, jfb = samples["implicit"], median(samples["jacobian_free"])
+    print(
+        f"\n== 3a. high-dim hypergradient, {name} lambda, {problem.dim} features, "
+        f"inner tol {tol:g} ({steps} warm L-BFGS steps); median of "
+        f"{args.highdim_repeats}; exact at the same w* vs true: "
+        f"{rel_error(same, exact):.1e}"
+    )
+    print(
+        f"{'':16} {'time':>9} {'/ implicit':>10} {'backward share':>14} "
+        f"{'rel. err vs true':>16} {'vs same w*':>10} {'cosine':>9}"
+    )
+    rows = {}
+    for method, e in est.items():
+        t = median(samples[method])
+        rows[method] = row = dict(
+            time=t,
+            ratio=paired_ratio(samples[method], base),
+            share=(t - jfb) / t,
+            rel=rel_error(e, exact),
+            rel_same=rel_error(e, same),
+            cos=cosine(e, exact),
+        )
+        print(
+            f"{method:16} {ms(t, '6.0f', unit=True)} {row['ratio']:10.2f} "
+            f"{row['share']:14.0%} {row['rel']:16.2e} {row['rel_same']:10.2e} "
+            f"{row['cos']:9.5f}"
+        )
+    return rows, (warm, exact, same)
+
+
+def _problems_reference_at(problem, lam, w):
+    """The exact hypergradient at a given w (CG to 1e-12, no inner step taken:
+    the inner tolerance is met already)."""
+    return problem.reference(lam, w, inner_tol=1e30)[0]
+
+
+def highdim_refine(args, problem, name, lam, tol, warm, exact, same):
+    """shine_refine's error against the exact hypergradient as refine_steps grows."""
+    print(f"\n== 3b. shine_refine vs refine_steps, {name} lambda, inner tol {tol:g}")
+    print(f"{'refine_steps':>12} {'vs true':>10} {'vs same w*':>10} {'cosine':>9}")
+    zeros = jnp.zeros_like(lam)
+    rows = {}
+    for k in args.refine_steps:
+        tx = highdim_transform("shine_refine", problem, tol, refine_steps=k)
+        state = tx.init(lam)._replace(inner_params=warm)
+        e = jax.jit(lambda u, s, lam, data, tx=tx: tx.update(u, s, lam, data=data))(
+            zeros, state, lam, problem.data
+        )[0]
+        rows[k] = (rel_error(e, exact), rel_error(e, same), cosine(e, exact))
+        print(f"{k:12d} {rows[k][0]:10.2e} {rows[k][1]:10.2e} {rows[k][2]:9.5f}")
+    return rows
+
+
+def highdim_tuning(args, problem, name, lam0, lr):
+    """Held-out loss vs wall-clock: adam on lambda, HOAG's inner tolerance."""
+    schedule = optax.exponential_decay(1e-3, 1, 0.9, end_value=1e-8)
+    steppers = {}
+    for method in ("jacobian_free", "shine", "shine_opa", "shine_refine", "implicit"):
+        tx = optax.chain(highdim_transform(method, problem, schedule), optax.adam(lr))
+
+        @jax.jit
+        def step(carry, data, tx=tx):
+            lam, state = carry
+            updates, state = tx.update(jnp.zeros_like(lam), state, lam, data=data)
+            loss = problem.outer_loss(state[0].inner_params, lam, data=data)
+            return (optax.apply_updates(lam, updates), state), loss
+
+        label = HOAG if method == "implicit" else method
+        steppers[label] = (step, (lam0, tx.init(lam0)))
+    curves = {k: [] for k in steppers}
+    carries = {k: c for k, (_, c) in steppers.items()}
+    for step, carry in steppers.values():  # compile both carry types, untimed
+        block(step(step(carry, problem.data)[0], problem.data))
+    clock = dict.fromkeys(steppers, 0.0)
+    for _ in range(args.highdim_steps):
+        for label, (step, _) in steppers.items():
+            start = time.perf_counter()
+            carries[label], loss = block(step(carries[label], problem.data))
+            clock[label] += time.perf_counter() - start
+            curves[label].append((clock[label], float(loss)))
+    finals = {
+        k: problem.held_out(c[0], c[1][0].inner_params) for k, c in carries.items()
+    }
+    target = finals[HOAG] + 1e-3
+    print(
+        f"\n== 3c. high-dim tuning, {name} lambda from {float(jnp.mean(lam0)):g}: "
+        f"adam({lr}), inner tol 1e-3*0.9^k, {args.highdim_steps} outer steps in "
+        f"lockstep; held-out at each method's own w* along the run, at a tight w* at "
+        f"the end; time to HOAG's final held-out + 1e-3"
+    )
+    print(
+        f"{'':16} {'total time':>10} {'per step':>9} {'final held-out':>14} "
+        f"{'time to target':>14} {'/ HOAG':>7}"
+    )
+    hit = {
+        k: next((t for t, loss in c if loss <= target), None) for k, c in curves.items()
+    }
+    rows = {}
+    for label in steppers:
+        h = hit[label]
+        ratio = h / hit[HOAG] if h is not None and hit[HOAG] else float("nan")
+        rows[label] = dict(total=clock[label], final=finals[label], hit=h, ratio=ratio)
+        hit_s = "never" if h is None else f"{h:.1f} s"
+        print(
+            f"{label:16} {clock[label]:8.1f} s "
+            f"{clock[label] / args.highdim_steps * 1e3:6.0f} ms "
+            f"{finals[label]:14.5f} {hit_s:>14} {ratio:7.2f}"
+        )
+    return rows, curves
+
+
+def highdim_main(args) -> None:
+    start = time.perf_counter()
+    problem = _problems.highdim_logistic_regression(
+        args.highdim_samples, args.highdim_features
+    )
+    d = problem.dim
+    print(
+        f"\nhigh-dim: make_classification({args.highdim_samples}, {d}, "
+        f"n_informative=50, flip_y=0.05), half held out, float64 "
+        f"(data in {time.perf_counter() - start:.0f} s)"
+    )
+    for name, lam in (
+        ("scalar", jnp.asarray(-3.0)),
+        ("per-feature", jnp.full(d, -3.0)),
+    ):
+        _, (warm, exact, same) = highdim_hypergradient(
+            args, problem, name, lam, args.highdim_tol
+        )
+        highdim_refine(args, problem, name, lam, args.highdim_tol, warm, exact, same)
+    if args.highdim_steps:
+        highdim_tuning(args, problem, "scalar", jnp.asarray(-6.0), 0.2)
+        highdim_tuning(args, problem, "per-feature", jnp.full(d, -3.0), 0.05)
+    print(HIGHDIM_NOTES)
+    print(f"(high-dim total {time.perf_counter() - start:.0f} s)")
+
+
 # ------------------------------------------------------------------------ main ---
 
 
@@ -369,12 +589,32 @@ def main() -> None:
         action="store_true",
         help="run all --outer-steps in the first tuning run (final held-out losses)",
     )
+    parser.add_argument(
+        "--highdim",
+        action="store_true",
+        help="only the high-dimensional problems (section 3, ~5 min on 2 CPUs)",
+    )
+    parser.add_argument("--highdim-features", type=int, default=20000)
+    parser.add_argument("--highdim-samples", type=int, default=4000)
+    parser.add_argument("--highdim-tol", type=float, default=1e-6)
+    parser.add_argument("--highdim-repeats", type=int, default=5)
+    parser.add_argument("--highdim-steps", type=int, default=25, help="tuning steps")
+    parser.add_argument(
+        "--refine-steps", type=int, nargs="+", default=[0, 1, 2, 5, 10, 20, 40]
+    )
     args = parser.parse_args()
     args.inner_tol = args.inner_tol or ([1e-6] if args.quick else [1e-4, 1e-6, 1e-8])
     args.repeats = args.repeats or (15 if args.quick else 50)
     args.hpo_repeats = args.hpo_repeats or (3 if args.quick else 7)
     args.sections = args.sections or ["hypergradient", "hpo"]
     args.jaxopt = jaxopt is not None and not args.no_jaxopt
+    if args.highdim:
+        print(
+            f"jax {jax.__version__}, {os.cpu_count()} CPU cores, optax "
+            f"{optax.__version__}; jaxopt reference: {'yes' if args.jaxopt else 'no'}"
+        )
+        highdim_main(args)
+        return
     print(
         f"jax {jax.__version__} on {jax.devices()[0].device_kind} "
         f"({os.cpu_count()} CPU cores), optax {optax.__version__}, float64; "

@@ -312,7 +312,9 @@ def main():
     stds = [100 * results[n]["acc"].std() for n in names]
     bars = ax1.bar(pos, means, yerr=stds, capsize=3)
     ax1.bar_label(bars, fmt="%.1f", fontsize=7)
-    ax1.set_xticks(pos, [n.replace("(", "\n(") for n in names], fontsize=7)
+    ax1.set_xticks(
+        pos, [n.replace("(", "\n(").replace(", ", ",\n") for n in names], fontsize=6
+    )
     ax1.set_ylim(max(0, min(means) - 10), 100)
     ax1.set(ylabel="test accuracy (%)", title=f"After {steps} steps ({seeds} seed(s))")
     fig.tight_layout()

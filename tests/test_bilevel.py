@@ -382,9 +382,12 @@ def test_pytree_weights_and_hyperparameters(x64):
     def g(wf, hf):
         return outer(unravel_w(wf), unravel_h(hf))
 
+    newton = jax.jit(
+        lambda w: w - jnp.linalg.solve(jax.hessian(f)(w, hflat), jax.grad(f)(w, hflat))
+    )
     w = flat0
     for _ in range(30):
-        w = w - jnp.linalg.solve(jax.hessian(f)(w, hflat), jax.grad(f)(w, hflat))
+        w = newton(w)
     v = jnp.linalg.solve(jax.hessian(f)(w, hflat), jax.grad(g)(w, hflat))
     mixed = jax.jacobian(lambda hf: jax.grad(f)(w, hf))(hflat)
     exact = jax.grad(g, argnums=1)(w, hflat) - v @ mixed

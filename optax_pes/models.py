@@ -284,7 +284,7 @@ class MDEQCell(eqx.Module):
     """
 
     blocks: tuple[_Block, ...]
-    fuse: tuple[tuple[Any, ...], ...]  # fuse[i][j]: T_ij (None on the diagonal)
+    fuse: tuple[tuple[Any, ...], ...]  # `fuse[i][j]`: T_ij (None on the diagonal)
     norms: tuple[GroupNorm, ...]
     channels: tuple[int, ...] = eqx.field(static=True)
 

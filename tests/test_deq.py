@@ -130,8 +130,8 @@ def _broyden_on_linear(a, x, max_steps, memory=None):
     layer = lambda z: a @ z + x  # noqa: E731
     state = solver.init(layer, jnp.zeros_like(x))
     steps = []
-    for _ in range(max_steps):
-        new = solver.step(layer, state, jnp.asarray(True))
+    for i in range(max_steps):
+        new = solver.step(layer, state, jnp.asarray(True), jnp.asarray(i))
         steps.append((new.z - state.z, new.g - state.g))
         state = new
     return solver.inverse(state), steps
@@ -199,13 +199,14 @@ def test_step_leaves_inactive_samples_unchanged(solver):
     unchanged, sample by sample under vmap (a finished sample stays finished)."""
     layer, x, _ = _problem(0)
     fn, z0, _ = flat_layer(layer, x, jnp.zeros(8))
-    state = solver.step(fn, solver.init(fn, z0), jnp.asarray(True))
-    frozen = solver.step(fn, state, jnp.asarray(False))
+    first, second = jnp.asarray(0), jnp.asarray(1)  # the loop's iteration count
+    state = solver.step(fn, solver.init(fn, z0), jnp.asarray(True), first)
+    frozen = solver.step(fn, state, jnp.asarray(False), second)
     for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(state), strict=True):
         np.testing.assert_array_equal(a, b)
-    moved = solver.step(fn, state, jnp.asarray(True))
+    moved = solver.step(fn, state, jnp.asarray(True), second)
     pair = jax.tree.map(lambda a: jnp.stack([a, a]), state)
-    stepped = jax.vmap(lambda s, a: solver.step(fn, s, a))(
+    stepped = jax.vmap(lambda s, a: solver.step(fn, s, a, second))(
         pair, jnp.array([True, False])
     )
     for new, one, old in zip(

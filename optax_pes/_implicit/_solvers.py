@@ -74,7 +74,7 @@ class AbstractSolver(eqx.Module):
         fn: FlatFn,
         state: Any,
         active: Bool[Array, ""],
-        iteration: Int[Array, ""] | None = None,
+        iteration: Int[Array, ""],
     ) -> Any:
         """One iteration; where `active` is False the state must come back unchanged.
 
@@ -84,7 +84,7 @@ class AbstractSolver(eqx.Module):
         under `jax.vmap`): an active sample has taken exactly that many steps, so
         history rows are indexed by it, one row of every sample at once; a
         per-sample counter makes each write a scatter at batched indices, measured
-        1.9x slower for a whole Broyden solve. None: use the state's own counter.
+        1.9x slower for a whole Broyden solve.
         """
 
     def inverse(self, state: Any) -> LowRankInverse | None:
@@ -195,7 +195,7 @@ class _BroydenState(NamedTuple):
     inv_g: jax.Array  # shape=(d,), z's dtype: `B^-1 g`; the next step is -inv_g
     u: jax.Array  # shape=(memory, d), z's dtype: the updates' u, one a row (unused: 0)
     v: jax.Array  # shape=(memory, d), z's dtype: the updates' v, one a row (unused: 0)
-    index: jax.Array  # shape=(), int32: active steps; row index % memory is next
+    # (Step i writes row i % memory: the solve's iteration count is the step index.)
 
 
 class Broyden(AbstractSolver):
@@ -235,9 +235,9 @@ class Broyden(AbstractSolver):
     def init(self, fn, z0):
         zeros = jnp.zeros((self.memory,) + z0.shape, z0.dtype)
         g = fn(z0) - z0
-        return _BroydenState(z0, g, -g, zeros, zeros, jnp.zeros((), jnp.int32))
+        return _BroydenState(z0, g, -g, zeros, zeros)
 
-    def step(self, fn, state, active, iteration=None):
+    def step(self, fn, state, active, iteration):
         inv = self.inverse(state)
         dz = -state.inv_g
         z = state.z + dz
@@ -253,7 +253,7 @@ class Broyden(AbstractSolver):
         # Sherman-Morrison: the updated inverse applied to g, without another pass.
         inv_g = inv_g + u * jnp.dot(v, g)
         # A skipped update (or a finished sample) writes its row back unchanged.
-        slot = (state.index if iteration is None else iteration) % self.memory
+        slot = iteration % self.memory
         write = active & ok
         return _BroydenState(
             _keep(active, z, state.z),
@@ -261,7 +261,6 @@ class Broyden(AbstractSolver):
             _keep(active, inv_g, state.inv_g),
             state.u.at[slot].set(_keep(write, u, state.u[slot])),
             state.v.at[slot].set(_keep(write, v, state.v[slot])),
-            state.index + active.astype(jnp.int32),
         )
 
     def inverse(self, state):
@@ -278,7 +277,7 @@ class _AndersonState(NamedTuple):
     g: jax.Array  # shape=(d,), z's dtype: `fn(z) - z`
     xs: jax.Array  # shape=(memory, d), z's dtype: past iterates, one a row
     fs: jax.Array  # shape=(memory, d), z's dtype: fn at them
-    count: jax.Array  # shape=(), int32: iterates stored; row count % memory is next
+    # (Row 0 holds z0; step i writes row (i + 1) % memory, so i + 1 rows are used.)
 
 
 class Anderson(AbstractSolver):
@@ -309,11 +308,11 @@ class Anderson(AbstractSolver):
         f0 = fn(z0)
         xs = jnp.zeros((self.memory,) + z0.shape, z0.dtype).at[0].set(z0)
         fs = jnp.zeros((self.memory,) + z0.shape, z0.dtype).at[0].set(f0)
-        return _AndersonState(z0, f0 - z0, xs, fs, jnp.ones((), jnp.int32))
+        return _AndersonState(z0, f0 - z0, xs, fs)
 
-    def step(self, fn, state, active, iteration=None):
+    def step(self, fn, state, active, iteration):
         m = self.memory
-        used = (jnp.arange(m) < state.count).astype(state.z.dtype)
+        used = (jnp.arange(m) < iteration + 1).astype(state.z.dtype)
         gs = (state.fs - state.xs) * used[:, None]
         gram = gs @ gs.T
         scale = jnp.maximum(jnp.max(jnp.diagonal(gram)), jnp.finfo(gram.dtype).tiny)
@@ -328,13 +327,12 @@ class Anderson(AbstractSolver):
         z = self.damping * (alpha @ state.fs) + (1 - self.damping) * (alpha @ state.xs)
         f = fn(z)
         # A finished sample writes its history row back unchanged.
-        slot = (state.count if iteration is None else iteration + 1) % m
+        slot = (iteration + 1) % m
         return _AndersonState(
             _keep(active, z, state.z),
             _keep(active, f - z, state.g),
             state.xs.at[slot].set(_keep(active, z, state.xs[slot])),
             state.fs.at[slot].set(_keep(active, f, state.fs[slot])),
-            state.count + active.astype(jnp.int32),
         )
 
 
@@ -366,7 +364,7 @@ class FixedPoint(AbstractSolver):
     def init(self, fn, z0):
         return _FixedPointState(z0, fn(z0) - z0)
 
-    def step(self, fn, state, active, iteration=None):
+    def step(self, fn, state, active, iteration):
         del iteration
         z = state.z + self.damping * state.g
         g = fn(z) - z

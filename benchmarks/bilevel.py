@@ -654,7 +654,7 @@ def main() -> None:
     parser.add_argument(
         "--highdim",
         action="store_true",
-        help="only the high-dimensional problems (section 3, ~5 min on 2 CPUs)",
+        help="only the high-dimensional problems (section 3; 8-15 min on 2 CPUs)",
     )
     parser.add_argument("--highdim-features", type=int, default=20000)
     parser.add_argument("--highdim-samples", type=int, default=4000)

@@ -32,12 +32,13 @@ method is judged by the hyperparameters it found. The target is HOAG's final hel
 loss (no grid search in 20,000 dimensions). Prints a table and saves a figure (default
 `outputs/hyperparameter_highdim.png`).
 
-What to expect (full run, 2 CPU cores, 20 outer steps): a HOAG step costs 2.4 s, 2.7x
-a `shine_refine` step (0.9 s) and 6-7x a `shine`, `shine_opa` or `jacobian_free` step
-(0.34-0.40 s), since its conjugate gradient is most of an update at this size.
-`shine_refine` follows HOAG's curve step for step (final held-out loss 0.0829 for both,
-from 0.474) and reaches HOAG's final loss in 0.37x its time; `jacobian_free` ends at
-0.093, `shine` and `shine_opa` (less exact directions) at 0.130. Table in
+What to expect (full run, 2 quiet CPU cores, 20 outer steps): a HOAG step costs 1.35 s,
+2.2x a `shine_refine` step (0.60 s), 2.6x a `shine_opa` step (0.52 s, a pair every
+inner step) and 5-6x a `shine` or `jacobian_free` step (0.23-0.25 s), since its
+conjugate gradient is most of an update at this size. `shine_refine` follows HOAG's
+curve step for step (final held-out loss 0.0829 and 0.0830, from 0.474) and reaches
+HOAG's final loss in 0.45x its time; `shine_opa` ends at 0.093, level with
+`jacobian_free` (0.093) in twice its time, and `shine` at 0.130. Table in
 docs/examples.md.
 
     python examples/hyperparameter_highdim.py            # 20,000 features, ~3 minutes

@@ -167,6 +167,18 @@ def overhead(setting: Setting, budget: float, repeats: int) -> dict[str, list[fl
 
         return jax.lax.scan(body, (carry, jnp.zeros_like(theta)), None, length=m)[0]
 
+    # The state's round trip alone: PES's inputs in, a same-shaped state out, no
+    # work. What one call per window pays for moving ~15 small leaves each way.
+    def touch(x):
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(jax.random.key_data(x) + 1)
+        return x + jnp.ones((), x.dtype)
+
+    round_trip = jax.jit(lambda u, s, p: (u + p, jax.tree.map(touch, s)))
+
+    def round_trip_call(state):
+        return round_trip(zeros, state, theta)[1]
+
     es_carry = (
         pes_state.inner_state,
         jax.random.key(3),
@@ -175,6 +187,7 @@ def overhead(setting: Setting, budget: float, repeats: int) -> dict[str, list[fl
     candidates = {
         "pes_call": (pes_call, pes_state, 1),
         "bare_call": (bare_call, bare_carry, 1),
+        "state_io": (round_trip_call, pes_state, 1),
         "pes_scan": (lambda c: pes_scan(c[0], theta), (pes_state, zeros), m),
         "bare_scan": (lambda c: bare_scan(c, thetas), bare_carry, m),
         "min_es_scan": (
@@ -343,7 +356,14 @@ notes: ratio = PES / bare, median of per-repeat ratios of interleaved samples.
   (a fresh normal draw, the perturbation, the score) plus PES's bookkeeping (episode
   clocks, reset cond, validity masks, diagnostics) are a visible fraction of it:
   even minES is over 1.15 there. With K=100, or a real inner step ('mlp': an SGD
-  step of a 2-layer MLP), the fixed cost is amortised."""
+  step of a 2-layer MLP), the fixed cost is amortised.
+  'state I/O': one jitted call that takes PES's inputs (updates, state, params) and
+  returns a same-shaped state with no work: what a call per window costs before any
+  work is done (dispatch and XLA:CPU's per-call runtime, which is not linear in the
+  leaves: one (N, 23) inner-state leaf more or less changed it by ~20 us here). On
+  'infl' it is as large as pes/call itself, and a bare call costs 20 us pinned to one
+  core against 45 us on two: the per-call ratio there measures the runtime, not the
+  window's work (the scan columns do)."""
 
 
 def run_device(device: jax.Device, args: argparse.Namespace, table: list[str]) -> None:
@@ -373,7 +393,7 @@ def section_overhead(device, args, settings, table) -> None:
     head = (
         f"{'system':6} {'N':>4} {'K':>4} | {'pes/call':>9} {'bare/call':>9} "
         f"{'ratio':>6} | {'pes/scan':>9} {'bare/scan':>9} {'ratio':>6} | "
-        f"{'minES/scan':>10} {'ratio':>6}"
+        f"{'minES/scan':>10} {'ratio':>6} | {'state I/O':>9}"
     )
     header(head)
     for s in settings:
@@ -386,7 +406,7 @@ def section_overhead(device, args, settings, table) -> None:
             f"{s.system:6} {s.n:4d} {s.k:4d} | {us(t['pes_call'])} "
             f"{us(t['bare_call'])} {rc:6.3f} | {us(t['pes_scan'])} "
             f"{us(t['bare_scan'])} {rs:6.3f} | {us(t['min_es_scan']):>10} "
-            f"{re:6.3f}",
+            f"{re:6.3f} | {us(t['state_io'])}",
             flush=True,
         )
         for kind, r in (("jit call/window", rc), ("scan over windows", rs)):

@@ -153,3 +153,14 @@ def is_params_placeholder(params: Any) -> bool:
     """`optax.tree_utils.tree_map_params` calls `init` with a placeholder object, not
     params: `init` must then build a state of the right structure without them."""
     return type(params).__name__ == "_ParamsPlaceholder"
+
+
+def check_finite_params(params: PyTree, name: str = "params") -> None:
+    """Eagerly, non-finite params are an error (under `jit` the transformation
+    contains them instead, and says so in its state)."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        if is_concrete(leaf) and not np.all(np.isfinite(np.asarray(leaf))):
+            raise ValueError(
+                f"{name} must be finite; the leaf at "
+                f"{jax.tree_util.keystr(path) or 'the root'} holds NaN or inf"
+            )

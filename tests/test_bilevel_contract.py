@@ -286,3 +286,47 @@ def test_tree_map_params_over_a_chain():
     )
     assert jax.tree.leaves(specs[1][0].mu) == ["param"] * len(jax.tree.leaves(lam))
     assert specs[0].count == "other"
+
+
+# ------------------------------------------------------------------ non-finite ----
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_non_finite_hypergradient_never_reaches_the_updates(method):
+    """An outer loss that is inf at the solution (a held-out log-loss of 0 * log 0,
+    say) gives a non-finite hypergradient: the update adds nothing, the warm start
+    is kept finite, and `hypergrad_norm` says what happened."""
+    inner_loss, outer_loss = _losses(jnp.float32)
+
+    def bad_outer(w, h):
+        return outer_loss(w, h) / jnp.where(h["log_mu"] > -3.0, 0.0, 1.0)
+
+    tx = optax_pes.shine_bilevel(
+        inner_loss, bad_outer, inner_init=_inner_init(), method=method, **SETTINGS
+    )
+    params = _params()
+    incoming = jax.tree.map(jnp.ones_like, params)
+    updates, state = jax.jit(tx.update)(incoming, tx.init(params), params)
+    _assert_trees_equal(updates, incoming)
+    _assert_finite(state.inner_params)
+    assert not np.isfinite(float(state.hypergrad_norm))
+    # The next update with a finite outer loss starts from the kept warm start.
+    ok = {"log_lam": params["log_lam"], "log_mu": jnp.asarray(-4.0)}
+    updates, state = jax.jit(tx.update)(_zeros(ok), state, ok)
+    _assert_finite(updates)
+    assert np.isfinite(float(state.hypergrad_norm))
+
+
+def test_non_finite_hyperparameters():
+    """Eagerly an error naming the leaf; under `jit` contained as above (every
+    quantity of the update is then NaN, the kept warm start is the previous one)."""
+    tx = _make("shine")
+    params = _params()
+    state = tx.init(params)
+    bad = {"log_lam": params["log_lam"].at[2].set(jnp.nan), "log_mu": params["log_mu"]}
+    with pytest.raises(ValueError, match=r"params .*finite.*\['log_lam'\]"):
+        tx.update(_zeros(bad), state, bad)
+    updates, new_state = jax.jit(tx.update)(_zeros(bad), state, bad)
+    _assert_trees_equal(updates, _zeros(bad))
+    _assert_trees_equal(new_state.inner_params, state.inner_params)
+    assert not np.isfinite(float(new_state.hypergrad_norm))

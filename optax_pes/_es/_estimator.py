@@ -21,12 +21,16 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Bool, Float, PRNGKeyArray, PyTree
 
-from optax_pes._checks import is_concrete, is_params_placeholder, require_params
+from optax_pes._checks import (
+    check_finite_params,
+    is_concrete,
+    is_params_placeholder,
+    require_params,
+)
 from optax_pes._es._config import EstimatorConfig
 from optax_pes._es._state import (
     EstimatorState,
@@ -173,17 +177,6 @@ def score_estimate(
     out = out / count.astype(out.dtype)
     finite = jnp.all(jnp.isfinite(out))
     return jnp.where(finite, out, 0), valid & finite
-
-
-def check_finite_params(params: PyTree) -> None:
-    """Eagerly, non-finite params are an error (under `jit` every particle's loss is
-    then non-finite, and counted)."""
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        if is_concrete(leaf) and not np.all(np.isfinite(np.asarray(leaf))):
-            raise ValueError(
-                "params must be finite; the leaf at "
-                f"{jax.tree_util.keystr(path) or 'the root'} holds NaN or inf"
-            )
 
 
 def compiled_when_eager(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -8,9 +8,9 @@ import optax
 from jax.sharding import Mesh
 from jaxtyping import PRNGKeyArray, PyTree
 
-from optax_pes._checks import is_params_placeholder, require_params
+from optax_pes._checks import check_finite_params, is_params_placeholder, require_params
 from optax_pes._es._config import configure
-from optax_pes._es._estimator import check_finite_params, compiled_when_eager
+from optax_pes._es._estimator import compiled_when_eager
 from optax_pes._es._state import (
     EstimatorState,
     NoNoise,

@@ -36,6 +36,7 @@ from jaxtyping import Array, Float, Int, PyTree
 from optax_pes._checks import (
     check_callable,
     check_choice,
+    check_finite_params,
     check_float,
     check_float_tree,
     check_int,
@@ -58,7 +59,8 @@ class BilevelState(NamedTuple):
     inner_steps: jax.Array  # shape=(), int32: L-BFGS steps of the last inner solve
     inner_grad_norm: jax.Array  # shape=(), float32: |grad_w f(w*, h)| at its end
     inner_converged: jax.Array  # shape=(), bool: False when it hit inner_max_steps
-    hypergrad_norm: jax.Array  # shape=(), float32: norm of the last hypergradient
+    hypergrad_norm: jax.Array  # shape=(), float32: norm of the last hypergradient;
+    #   inf or NaN when it (or the outer gradient) was not finite and nothing was added
 
 
 # ------------------------------------------------------------------ the methods ----
@@ -404,6 +406,10 @@ def shine_bilevel(
       e.g. `("x", "y")` for `tx.update(updates, state, h, x=xb, y=yb)`; an update
       without one of them raises a `ValueError`.
 
+    A hypergradient that is not finite is never added: the update then adds nothing,
+    keeps a finite warm start and records a non-finite `state.hypergrad_norm`.
+    Eagerly, hyperparameters that hold NaN or inf raise a `ValueError`.
+
     **Returns:** an `optax.GradientTransformationExtraArgs` whose state is an
     `optax_pes.BilevelState`.
 
@@ -467,6 +473,7 @@ def shine_bilevel(
 
     def update_fn(updates, state, params=None, **extra_args):
         require_params(params, "shine_bilevel")
+        check_finite_params(params)  # eagerly an error; under jit, contained
         kwargs = _loss_kwargs(loss_kwargs, extra_args)
         _check_losses(inner_loss, outer_loss, inner_init, params, kwargs)
         w0 = jax.tree.map(jnp.asarray, state.inner_params)
@@ -493,18 +500,29 @@ def shine_bilevel(
             tol,
             inner_max_steps,
         )
-        v = strategy.solve(w, opt_state, losses.outer_grad(w), losses)
+        outer_grad = losses.outer_grad(w)
+        v = strategy.solve(w, opt_state, outer_grad, losses)
         grad_h = jax.grad(lambda h: g(w, h))(params)
         _, mixed_vjp = jax.vjp(lambda h: jax.grad(f)(w, h), params)
         (mixed,) = mixed_vjp(v)
         hypergrad = jax.tree.map(lambda a, b: a - b, grad_h, mixed)
+        # A non-finite hypergradient or outer gradient (an outer loss that is inf
+        # at w*; NaN hyperparameters under jit) adds nothing, and a non-finite w*
+        # is not kept as the next warm start; hypergrad_norm records it (not
+        # finite). The outer gradient is checked too: a linear solve may turn a
+        # non-finite right-hand side into a finite, meaningless v.
+        norm = global_norm_f32(hypergrad)
+        norm = jnp.where(jnp.all(jnp.isfinite(outer_grad)), norm, jnp.inf)
+        finite = jnp.isfinite(norm)
+        hypergrad = jax.tree.map(lambda a: jnp.where(finite, a, 0), hypergrad)
+        w = jnp.where(jnp.all(jnp.isfinite(w)), w, ravel_pytree(w0)[0])
         new_state = BilevelState(
             count=state.count + 1,
             inner_params=unravel(w),
             inner_steps=steps,
             inner_grad_norm=jnp.linalg.norm(grad).astype(jnp.float32),
             inner_converged=jnp.linalg.norm(grad) <= tol,
-            hypergrad_norm=global_norm_f32(hypergrad),
+            hypergrad_norm=norm,
         )
         return add_to_updates(updates, hypergrad), new_state
 

@@ -26,10 +26,17 @@ samples through `jax.vmap`, one sample per DEQ call as the API requires):
    inverse starts at +I). Every returned iterate is checked with the same residual.
    Bar: ours fewer steps and less time.
 
-Layers: random "trained-like" inits, not trained. `||W||_2 = 0.9` (a contraction;
-a Gaussian W of that norm has spectral radius ~0.5, so the layer is easy) and, in
-the default run, `||W||_2 = 2.0` (spectral radius ~1.1: not a contraction in
-norm, ~2.3x more solver steps, a more "trained-like" ill-conditioned Jacobian).
+3. The multiscale DEQ (`optax_pes.models.MDEQClassifier`, channels (8, 16)) after
+   `--mdeq-train-steps` Adam steps with Shine on scikit-learn's digits: the whole
+   model's pullback per adjoint against JacobianFree (one VJP of the cell at z*, the
+   floor), and the cosine to the exact gradient (dense per-sample solve at a z*
+   solved to 1e-6) on the training loss's cotangent. Bar: Shine / JFB <= 1.2.
+
+Layers (sections 1-2): random "trained-like" inits, not trained. `||W||_2 = 0.9`
+(a contraction; a Gaussian W of that norm has spectral radius ~0.5, so the layer
+is easy) and, in the default run, `||W||_2 = 2.0` (spectral radius ~1.1: not a
+contraction in norm, ~2.3x more solver steps, a more "trained-like"
+ill-conditioned Jacobian).
 Timing: everything jitted, warmed up, `block_until_ready`, candidates interleaved
 round-robin, median of `--repeats` calls; float32.
 
@@ -54,6 +61,7 @@ import numpy as np
 import optimistix as optx
 from _problems import Layer, make_conv_layer, make_layer
 from _timing import block, compare, cosine, medians, ms, of_thunks
+from jax.flatten_util import ravel_pytree
 
 import optax_pes
 
@@ -369,6 +377,183 @@ def conv_section(args, gain: float) -> str:
     )
 
 
+# -------------------------------------------------------------- multiscale DEQ ---
+
+
+def digits(seed: int):
+    """scikit-learn's 8x8 digits, shuffled (pixels / 16, channels-last), and labels."""
+    from sklearn.datasets import load_digits
+
+    images, labels = load_digits(return_X_y=True)
+    order = np.random.RandomState(seed).permutation(len(labels))
+    images = images.reshape(-1, 8, 8, 1).astype(np.float32) / 16.0
+    return jnp.asarray(images[order]), jnp.asarray(labels[order])
+
+
+def mdeq_model(args, adjoint, seed: int = 0):
+    return optax_pes.models.MDEQClassifier(
+        1,
+        10,
+        args.mdeq_channels,
+        solver=optax_pes.Broyden(max_steps=30, tol=args.mdeq_tol, memory=30),
+        adjoint=adjoint,
+        key=seed,
+    )
+
+
+def mdeq_trained(args, images, labels):
+    """The example's MDEQ after `--mdeq-train-steps` Adam steps with Shine."""
+    import optax
+
+    model = mdeq_model(args, optax_pes.Shine(), args.seed)
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    optim = optax.adam(3e-2)
+
+    @jax.jit
+    def step(params, opt_state, x, y):
+        def loss(p):
+            logits = jax.vmap(eqx.combine(p, static))(x)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+        value, grads = jax.value_and_grad(loss)(params)
+        updates, opt_state = optim.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    opt_state = optim.init(params)
+    rng = np.random.RandomState(args.seed)
+    value = float("nan")
+    for _ in range(args.mdeq_train_steps):
+        idx = rng.randint(0, len(labels), args.mdeq_batch)
+        params, opt_state, value = step(params, opt_state, images[idx], labels[idx])
+    return params, float(value)
+
+
+def mdeq_exact(model, images, ct):
+    """Implicit gradient of `sum(ct * logits)` w.r.t. the model's arrays by a dense
+    per-sample solve `(I - J_f)^T w = zbar` at a tight z* (Broyden to 1e-6)."""
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    tight = optax_pes.Broyden(max_steps=300, tol=1e-6, memory=60)
+
+    @jax.jit
+    def run(params, images, ct):
+        m = eqx.combine(params, static)
+
+        def per_sample(image, g):
+            x = m.inject(image)
+            z0 = tuple(jnp.zeros_like(a) for a in x)
+            z, _ = eqx.tree_at(lambda d: d.solver, m.deq, tight).solve(x, z0)
+            z = jax.lax.stop_gradient(z)
+            flat, unravel = ravel_pytree(z)
+            zbar = ravel_pytree(jax.vjp(m.readout, z)[1](g)[0])[0]
+            jac = jax.jacfwd(lambda f: ravel_pytree(m.cell(unravel(f), x))[0])(flat)
+            w = jnp.linalg.solve((jnp.eye(flat.size) - jac).T, zbar)
+            res = jnp.linalg.norm(ravel_pytree(m.cell(z, x))[0] - flat)
+            return z, unravel(w), res
+
+        zs, ws, res = jax.vmap(per_sample)(images, ct)
+
+        def surrogate(p):
+            mm = eqx.combine(p, static)
+
+            def one(image, z, w, g):
+                head = jnp.vdot(mm.readout(z), g)
+                fz = ravel_pytree(mm.cell(z, mm.inject(image)))[0]
+                return head + jnp.vdot(fz, ravel_pytree(w)[0])
+
+            return jnp.sum(jax.vmap(one)(images, zs, ws, ct))
+
+        return jax.grad(surrogate)(params), jnp.max(res)
+
+    return run(params, images, ct)
+
+
+def mdeq_section(args) -> str:
+    """Every adjoint on the (briefly trained) multiscale DEQ: pullback time against
+    JacobianFree (= one VJP of the cell at z*, the floor) and cosines to the exact
+    gradient on the training loss's cotangent; returns a summary table."""
+    images, labels = digits(args.seed)
+    t0 = time.perf_counter()
+    params, train_loss = mdeq_trained(args, images, labels)
+    x, y = images[: args.mdeq_batch], labels[: args.mdeq_batch]
+    print(
+        f"\n######## multiscale DEQ (optax_pes.models.MDEQClassifier, channels "
+        f"{args.mdeq_channels}) on 8x8 digits, batch {args.mdeq_batch}, Broyden "
+        f"memory 30, tol {args.mdeq_tol}; {args.mdeq_train_steps} Adam steps with "
+        f"Shine first (loss {train_loss:.3f}, {time.perf_counter() - t0:.0f} s)"
+    )
+    adjoints: dict[str, Any] = {
+        "JacobianFree": optax_pes.JacobianFree(),
+        "Shine": optax_pes.Shine(),
+        "Shine(fallback)": optax_pes.Shine(fallback=True),
+        **{f"Shine(refine={r})": optax_pes.Shine(refine_steps=r) for r in (1, 2, 5)},
+        "Phantom(5)": optax_pes.Phantom(k=5, damping=0.5),
+        "Implicit(gmres)": optax_pes.Implicit(max_steps=100, tol=1e-4),
+        "Implicit(fixed_point)": optax_pes.Implicit(
+            max_steps=100, tol=1e-4, linear_solver="fixed_point"
+        ),
+    }
+    base = mdeq_model(args, optax_pes.Shine(), args.seed)
+    _, static0 = eqx.partition(base, eqx.is_inexact_array)
+    trained = eqx.combine(params, static0)
+    logits = jax.vmap(trained)(x)
+    # The cotangent the training loss sends into the logits (mean cross-entropy).
+    ct = jax.grad(lambda lg: jnp.mean(-jax.nn.log_softmax(lg)[jnp.arange(len(y)), y]))(
+        logits
+    )
+    exact, res = mdeq_exact(trained, x, ct)
+    vjps, cos = {}, {}
+    for name, adjoint in adjoints.items():
+        model = eqx.tree_at(lambda m: m.deq.adjoint, trained, adjoint)
+        p, static = eqx.partition(model, eqx.is_inexact_array)
+        forward = jax.jit(
+            lambda p, x, static=static: jax.vjp(
+                lambda p: jax.vmap(eqx.combine(p, static))(x), p
+            )
+        )
+        _, vjps[name] = block(forward(p, x))
+        cos[name] = cosine(block(pull(vjps[name], ct))[0], exact)
+    plain = ravel_pytree(pull(vjps["Shine"], ct))[0]
+    guarded = ravel_pytree(pull(vjps["Shine(fallback)"], ct))[0]
+    fired = bool(jnp.any(plain != guarded))
+    steps = float(jnp.mean(jax.vmap(trained.solve)(x)[1].steps))
+    pulls = {k: (lambda v=v: pull(v, ct)) for k, v in vjps.items()}
+    times = interleaved(pulls, args.repeats)
+    print(
+        f"forward: {steps:.1f} Broyden steps (mean); exact reference: dense solve at "
+        f"z* with max |f(z*) - z*| = {float(res):.1e}; Shine(fallback) "
+        f"{'changed' if fired else 'did not change'} the gradient"
+    )
+    print(f"{'':24} {'time':>12} {'/ JFB':>7} {'/ Shine':>9} {'cos(exact)':>12}")
+    jfb, shine = times["JacobianFree"], times["Shine"]
+    for k, t in times.items():
+        print(
+            f"{k:24} {ms(t, '9.3f', unit=True)} {t / jfb:7.2f} {t / shine:9.2f} "
+            f"{cos[k]:12.4f}"
+        )
+    rows = [
+        ("Shine / JacobianFree (one VJP of the cell at z*)", f"{shine / jfb:.2f}"),
+        ("Shine(refine=5) / Shine", f"{times['Shine(refine=5)'] / shine:.2f}"),
+        ("Implicit(gmres) / Shine", f"{times['Implicit(gmres)'] / shine:.2f}"),
+        (
+            "Implicit(fixed_point) / Shine",
+            f"{times['Implicit(fixed_point)'] / shine:.2f}",
+        ),
+        (
+            "cosine, loss cotangent: Shine / JacobianFree / refine(5) / Implicit",
+            f"{cos['Shine']:.3f} / {cos['JacobianFree']:.3f} / "
+            f"{cos['Shine(refine=5)']:.3f} / {cos['Implicit(gmres)']:.3f}",
+        ),
+    ]
+    lines = [
+        f"| {jax.devices()[0].platform} | MDEQ {args.mdeq_channels} x "
+        f"{args.mdeq_batch} | {label} | {value} |"
+        for label, value in rows
+    ]
+    return "\n".join(
+        ["| device | layer | ratio | measured |", "|---|---|---|---|", *lines]
+    )
+
+
 # ------------------------------------------------------------------ forward ------
 
 
@@ -525,10 +710,17 @@ def main() -> None:
         help="conv layers' gains, one layer each (default 0.6 1.0; --quick: 0.6)",
     )
     parser.add_argument("--conv-exact-steps", type=int, default=32)
+    parser.add_argument("--skip-mdeq", action="store_true", help="no multiscale DEQ")
+    parser.add_argument("--mdeq-batch", type=int, default=64)
+    parser.add_argument("--mdeq-tol", type=float, default=1e-3)
+    parser.add_argument("--mdeq-train-steps", type=int, default=None)
     args = parser.parse_args()
     args.conv_channels = args.conv_channels or (32 if args.quick else 64)
     args.conv_batch = args.conv_batch or (16 if args.quick else 64)
     args.conv_gain = args.conv_gain or ([0.6] if args.quick else [0.6, 1.0])
+    args.mdeq_channels = (8, 16)
+    if args.mdeq_train_steps is None:
+        args.mdeq_train_steps = 20 if args.quick else 150
     args.dim = args.dim or (128 if args.quick else 256)
     args.batch = args.batch or (64 if args.quick else 256)
     args.repeats = args.repeats or (15 if args.quick else 60)
@@ -544,6 +736,8 @@ def main() -> None:
     tables = [run_layer(args, rho) for rho in args.rho]
     if not args.skip_conv:
         tables.extend(conv_section(args, gain) for gain in args.conv_gain)
+    if not args.skip_mdeq:
+        tables.append(mdeq_section(args))
     for table in tables:
         print("\n" + table)
     print(NOTES)

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 from jaxtyping import PyTree
 
-from optax_pes._checks import check_callable, check_int
+from optax_pes._checks import check_callable, check_finite_params, check_int
 from optax_pes._es._state import Diagnostics
 from optax_pes._serialisation import tree_serialise_leaves
 
@@ -102,6 +102,7 @@ def outer_loop(
             raise ValueError("checkpoint_every needs checkpoint=PATH")
     if on_chunk is not None:
         check_callable(on_chunk, "on_chunk", "on_chunk(theta, state, updates_done)")
+    check_finite_params(theta, "theta")
     state = tx.init(theta) if state is None else state
 
     def one(carry, _):

@@ -360,3 +360,44 @@ def test_adversarial_losses_never_reach_the_update(**kwargs):
 @ADVERSARIAL
 def test_adversarial_losses_never_reach_the_update_many(**kwargs):
     _check_adversarial_losses(**kwargs)
+
+
+# ------------------------------------------- non-finite values under jit (audit) ----
+
+
+def _flat_loss_system(horizon=6):
+    """A loss that does not carry a NaN theta through (an accuracy, a clipped
+    reward): the window's losses stay finite whatever theta is."""
+
+    def init(theta, key):
+        return jnp.zeros(())
+
+    def step(theta, s, key):
+        return s, jnp.where(theta[0] > 0, 1.0, 0.0) + jnp.clip(theta[1], -1.0, 1.0)
+
+    return optax_pes.UnrolledSystem(init, step, horizon)
+
+
+@pytest.mark.parametrize("make", ES + [optax_pes.full_es, optax_pes.tbptt])
+def test_non_finite_params_under_jit_are_counted_not_estimated(make):
+    kwargs = _kwargs()
+    if make is optax_pes.full_es:
+        del kwargs["truncation_length"]
+    if make is optax_pes.tbptt:
+        kwargs = dict(truncation_length=2, key=0, num_particles=4)
+    tx = make(_flat_loss_system(), **kwargs)
+    theta = jnp.array([jnp.nan, 0.3])
+    state = tx.init(jnp.array([0.1, 0.3]))
+    estimate, state = jax.jit(tx.update)(jnp.zeros(2), state, theta)
+    np.testing.assert_array_equal(estimate, np.zeros(2))
+    assert int(state.diagnostics.num_nonfinite) == 4
+
+
+def test_ask_tell_with_non_finite_params_under_jit_is_counted():
+    at = optax_pes.ask_tell("pes", num_particles=4, sigma=0.1, key=0)
+    theta = jnp.array([jnp.nan, 0.3])
+    state = at.init(jnp.array([0.1, 0.3]))
+    losses, ended = jnp.ones(4), jnp.zeros(4, bool)
+    estimate, state = jax.jit(at.tell)(state, theta, losses, ended)
+    np.testing.assert_array_equal(estimate, np.zeros(2))
+    assert int(state.diagnostics.num_nonfinite) == 4

@@ -76,3 +76,5 @@ def test_bad_arguments():
         optax_pes.outer_loop(tx, THETA, 3, chunk=0)
     with pytest.raises(ValueError, match="checkpoint_every needs checkpoint"):
         optax_pes.outer_loop(tx, THETA, 3, checkpoint_every=2)
+    with pytest.raises(ValueError, match="theta must be finite"):
+        optax_pes.outer_loop(tx, THETA.at[1].set(jnp.nan), 3)

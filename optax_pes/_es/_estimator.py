@@ -205,7 +205,7 @@ class Draw(NamedTuple):
     window_key: PRNGKeyArray  # the key of the window's inner steps
     unravel: Any  # flat vector -> params pytree
     perturbation: Perturbation
-    sigma_ok: Array | None  # a traced sigma's validity (None: checked by the factory)
+    ok: Array  # the window counts: params finite (under jit) and a traced sigma usable
 
 
 def draw(
@@ -221,8 +221,13 @@ def draw(
     rng_key, noise_key, window_key = jax.random.split(state.rng_key, 3)
     flat, unravel = ravel_pytree(params)
     sigma, sigma_ok = usable_sigma(config.sigma, flat.dtype)
+    # Under jit non-finite params cannot raise: the window is left out and counted,
+    # even when the losses do not carry the NaN through (an accuracy, a clipped
+    # reward).
+    ok = jnp.all(jnp.isfinite(flat))
+    ok = ok if sigma_ok is None else ok & sigma_ok
     p = policy.perturb(config, state.noise, state.needs_init, flat, sigma, noise_key)
-    return Draw(rng_key, window_key, unravel, p, sigma_ok)
+    return Draw(rng_key, window_key, unravel, p, ok)
 
 
 def credit(
@@ -234,8 +239,7 @@ def credit(
 ) -> tuple[PyTree, EstimatorState]:
     """The window's estimate (a params pytree) and the next state."""
     valid = window_validity(config, result)
-    if d.sigma_ok is not None:
-        valid = valid & d.sigma_ok
+    valid = valid & d.ok
     estimate, valid = score_estimate(config, result, valid, d.perturbation)
     new_state = next_state(
         config,

@@ -76,7 +76,7 @@ def tbptt(
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
         require_params(params, "tbptt")
-        check_finite_params(params)  # eagerly an error; under jit, counted
+        check_finite_params(params)  # eagerly an error; under jit, left out and counted
         return update(updates, state, params)
 
     @compiled_when_eager
@@ -102,7 +102,10 @@ def tbptt(
         # particle's copy of theta is that particle's own window gradient.
         grads, result = jax.grad(window_loss, has_aux=True)(thetas)
         grads = config.placement.replicate(grads)  # reduce as on one device
-        valid = window_validity(config, result)
+        # Non-finite params under jit: left out and counted, whatever the losses.
+        valid = window_validity(config, result) & jnp.all(
+            jnp.asarray([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)])
+        )
         for g in jax.tree.leaves(grads):
             valid = valid & jnp.all(jnp.isfinite(g.reshape(n, -1)), axis=1)
         count = jnp.maximum(jnp.sum(valid), 1)

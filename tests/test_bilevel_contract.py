@@ -330,3 +330,42 @@ def test_non_finite_hyperparameters():
     _assert_trees_equal(updates, _zeros(bad))
     _assert_trees_equal(new_state.inner_params, state.inner_params)
     assert not np.isfinite(float(new_state.hypergrad_norm))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0.0, -1e-3])
+@pytest.mark.parametrize("name", ["inner_tol", "implicit_tol"])
+def test_an_unusable_traced_tolerance_adds_nothing(name, bad):
+    """An injected tolerance that is not positive and finite cannot raise under
+    jit: a NaN inner_tol skipped the solve and added the hypergradient of the
+    unsolved warm start; a NaN implicit_tol stopped CG at v = 0. Now nothing is
+    added, the warm start is kept and hypergrad_norm is not finite."""
+    inner_loss, outer_loss = _losses(jnp.float32)
+    static = ["inner_loss", "outer_loss", "inner_init", *STRUCTURAL]
+    factory = optax.inject_hyperparams(optax_pes.shine_bilevel, static_args=static)
+    injected = factory(
+        inner_loss, outer_loss, inner_init=_inner_init(), method="implicit", **SETTINGS
+    )
+    params = _params()
+    state = injected.init(params)
+    state.hyperparams[name] = jnp.asarray(bad, jnp.float32)
+    incoming = jax.tree.map(jnp.ones_like, params)
+    updates, new_state = jax.jit(injected.update)(incoming, state, params)
+    _assert_trees_equal(updates, incoming)
+    _assert_trees_equal(new_state.inner_state.inner_params, _inner_init())
+    assert not np.isfinite(float(new_state.inner_state.hypergrad_norm))
+
+
+def test_a_schedule_of_inner_tol_is_checked():
+    """Eagerly a schedule's bad value is an error naming inner_tol; under jit it is
+    contained as above."""
+    params = _params()
+    for value in (jnp.nan, -1.0):
+        tx = _make("shine", inner_tol=lambda count, v=value: v * jnp.ones(()))
+        with pytest.raises(ValueError, match="inner_tol must be a positive"):
+            tx.update(_zeros(params), tx.init(params), params)
+        updates, state = jax.jit(tx.update)(_zeros(params), tx.init(params), params)
+        _assert_trees_equal(updates, _zeros(params))
+        assert not np.isfinite(float(state.hypergrad_norm))
+    tx = _make("shine", inner_tol=lambda count: jnp.ones(3))
+    with pytest.raises(ValueError, match="inner_tol.*scalar"):
+        jax.jit(tx.update)(_zeros(params), tx.init(params), params)

@@ -112,6 +112,10 @@ class _AbstractHypergradientMethod(eqx.Module):
     ) -> Float[Array, " d"]:
         r"""$v$ at the inner solution `w`, whose solver state is `opt_state`."""
 
+    def usable(self) -> Array | None:
+        """Whether the method's traced settings are usable (None: all checked)."""
+        return None
+
 
 class _AbstractAfterSolve(_AbstractHypergradientMethod):
     """A method that leaves the inner solve alone (every one but OPA)."""
@@ -189,12 +193,18 @@ class _Implicit(_AbstractAfterSolve):
     implicit_tol: float | Array
     implicit_max_steps: int = eqx.field(static=True)
 
+    def usable(self):
+        return _usable_tol(self.implicit_tol, "implicit_tol")[1]
+
     def solve(self, w, opt_state, outer_grad, losses):
         del opt_state
+        tol, ok = _usable_tol(self.implicit_tol, "implicit_tol")
+        if ok is not None:  # an unusable traced tol: stop at once, left out later
+            tol = jnp.where(ok, tol, jnp.inf)
         scale = jnp.maximum(jnp.linalg.norm(outer_grad), jnp.finfo(w.dtype).tiny)
         solver = lx.CG(
             rtol=0.0,
-            atol=self.implicit_tol * scale,
+            atol=tol * scale,
             norm=jnp.linalg.norm,
             max_steps=self.implicit_max_steps,
         )
@@ -321,6 +331,22 @@ def _check_tol(value: Any, name: str) -> Any:
             return value
         value = np.asarray(value).item()
     return check_float(value, name)
+
+
+def _usable_tol(value: Any, name: str) -> tuple[Array, Array | None]:
+    """`(tol, ok)` for a tolerance met at update time (a schedule's value, an
+    injected hyperparameter). A concrete one is checked (an error naming `name`,
+    `ok` None); a traced one cannot raise a readable error under `jit`, so `ok`
+    says whether it is positive and finite, and the update is left out if not."""
+    if np.ndim(value) != 0:
+        raise ValueError(
+            f"{name} must be a scalar (a float, or a schedule returning one), got "
+            f"shape {np.shape(value)}"
+        )
+    if is_concrete(value):
+        return jnp.asarray(check_float(np.asarray(value).item(), name)), None
+    value = jnp.asarray(value)
+    return value, jnp.isfinite(value) & (value > 0)
 
 
 def _check_names(names: Any) -> tuple[str, ...]:
@@ -479,7 +505,11 @@ def shine_bilevel(
         w0 = jax.tree.map(jnp.asarray, state.inner_params)
         unravel = ravel_pytree(w0)[1]
         tol = inner_tol(state.count) if callable(inner_tol) else inner_tol
-        tol = jnp.asarray(tol, ravel_pytree(w0)[0].dtype)
+        tol, tol_ok = _usable_tol(tol, "inner_tol")
+        tol = tol.astype(ravel_pytree(w0)[0].dtype)
+        if tol_ok is not None:  # an unusable traced tolerance: no solve at all
+            tol = jnp.where(tol_ok, tol, jnp.inf)
+        usable = [ok for ok in (tol_ok, strategy.usable()) if ok is not None]
 
         def f(wf, h):
             return inner_loss(unravel(wf), h, **kwargs)
@@ -507,15 +537,18 @@ def shine_bilevel(
         (mixed,) = mixed_vjp(v)
         hypergrad = jax.tree.map(lambda a, b: a - b, grad_h, mixed)
         # A non-finite hypergradient or outer gradient (an outer loss that is inf
-        # at w*; NaN hyperparameters under jit) adds nothing, and a non-finite w*
-        # is not kept as the next warm start; hypergrad_norm records it (not
-        # finite). The outer gradient is checked too: a linear solve may turn a
+        # at w*; NaN hyperparameters under jit), or an unusable traced tolerance,
+        # adds nothing and keeps the previous warm start; hypergrad_norm records
+        # it (not finite). The outer gradient is checked too: a linear solve may turn a
         # non-finite right-hand side into a finite, meaningless v.
         norm = global_norm_f32(hypergrad)
         norm = jnp.where(jnp.all(jnp.isfinite(outer_grad)), norm, jnp.inf)
+        for ok in usable:
+            norm = jnp.where(ok, norm, jnp.nan)
         finite = jnp.isfinite(norm)
         hypergrad = jax.tree.map(lambda a: jnp.where(finite, a, 0), hypergrad)
-        w = jnp.where(jnp.all(jnp.isfinite(w)), w, ravel_pytree(w0)[0])
+        # A left-out update keeps the previous warm start.
+        w = jnp.where(finite & jnp.all(jnp.isfinite(w)), w, ravel_pytree(w0)[0])
         new_state = BilevelState(
             count=state.count + 1,
             inner_params=unravel(w),

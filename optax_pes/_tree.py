@@ -26,10 +26,28 @@ def stop_gradient(tree: Any) -> Any:
 
 def add_to_updates(updates: PyTree, estimate: PyTree) -> PyTree:
     """`updates + estimate`, leaf by leaf, in the dtypes of `updates` (an estimator
-    transformation *adds* its estimate, as optax's `add_noise` adds noise)."""
-    return jax.tree.map(
-        lambda u, e: (u + e).astype(jnp.result_type(u)), updates, estimate
-    )
+    transformation *adds* its estimate, as optax's `add_noise` adds noise).
+
+    An `updates` leaf whose float type has a smaller range than the estimate's (float16
+    updates for float32 params) is refused: the cast would turn a finite estimate
+    into inf after every finiteness check.
+    """
+
+    def add(u, e):
+        u_type, e_type = jnp.result_type(u), jnp.result_type(e)
+        if (
+            jnp.issubdtype(u_type, jnp.floating)
+            and jnp.issubdtype(e_type, jnp.floating)
+            and jnp.finfo(u_type).maxexp < jnp.finfo(e_type).maxexp
+        ):
+            raise TypeError(
+                f"updates has dtype {u_type} where the params (and the estimate) are "
+                f"{e_type}: pass updates in the params' dtypes, e.g. "
+                "jax.tree.map(jnp.zeros_like, params)"
+            )
+        return (u + e).astype(u_type)
+
+    return jax.tree.map(add, updates, estimate)
 
 
 def global_norm_f32(tree: PyTree) -> Array:

@@ -401,3 +401,12 @@ def test_ask_tell_with_non_finite_params_under_jit_is_counted():
     estimate, state = jax.jit(at.tell)(state, theta, losses, ended)
     np.testing.assert_array_equal(estimate, np.zeros(2))
     assert int(state.diagnostics.num_nonfinite) == 4
+
+
+def test_updates_narrower_than_the_estimate_are_refused():
+    # A float16 `updates` for float32 params would cast a finite estimate to inf
+    # (a 2e5 estimate overflows float16) after every finiteness check.
+    theta = jnp.array([0.3, -0.2])
+    tx = optax_pes.pes(_system(), **_kwargs())
+    with pytest.raises(TypeError, match=r"updates.*float16.*float32"):
+        tx.update(jnp.zeros(2, jnp.float16), tx.init(theta), theta)

@@ -5,9 +5,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jaxtyping import Array, Float, PyTree
 
+from optax_pes._checks import check_float
 from optax_pes.tasks._training import partition_model
 
 
@@ -99,23 +101,34 @@ def per_layer_sgd(
 
     ```
     """
-    if not 0.0 <= momentum < 1.0:
-        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-    for name, value in (
-        ("learning_rate", learning_rate),
-        ("weight_decay", weight_decay),
+    # theta holds logs and a logit: a momentum of 0 would be -inf (use a tiny one).
+    if isinstance(momentum, bool) or not (
+        isinstance(momentum, (int, float, np.integer, np.floating)) and 0 < momentum < 1
     ):
-        if not value > 0:
-            raise ValueError(f"{name} must be positive, got {value}")
+        raise ValueError(
+            f"momentum must be a float in (0, 1) (theta holds its logit), got "
+            f"{momentum!r}"
+        )
+    learning_rate = check_float(learning_rate, "learning_rate")
+    weight_decay = check_float(weight_decay, "weight_decay")
     params = partition_model(model).params
 
-    def full(value):
+    def full(value, name, given):
+        for p in jax.tree.leaves(params):
+            if given > float(jnp.finfo(p.dtype).max):
+                raise ValueError(
+                    f"{name}={given!r} is out of range for the model's {p.dtype} arrays"
+                )
         return jax.tree.map(lambda p: jnp.asarray(value, p.dtype), params)
 
     theta = {
-        "log_learning_rate": full(jnp.log(learning_rate)),
-        "logit_momentum": full(jnp.log(momentum) - jnp.log1p(-momentum)),
-        "log_weight_decay": full(jnp.log(weight_decay)),
+        "log_learning_rate": full(
+            np.log(learning_rate), "learning_rate", learning_rate
+        ),
+        "logit_momentum": full(
+            np.log(momentum) - np.log1p(-momentum), "momentum", momentum
+        ),
+        "log_weight_decay": full(np.log(weight_decay), "weight_decay", weight_decay),
     }
 
     def optimizer(theta: dict[str, PyTree]) -> optax.GradientTransformation:

@@ -358,3 +358,17 @@ def test_throw_raises_on_a_failed_backward_solve(make, x64):
 def test_throw_must_be_a_bool(make):
     with pytest.raises(TypeError, match="throw must be a bool, got 1"):
         make(throw=1)
+
+
+def test_a_non_finite_shine_estimate_warns():
+    # Plain Shine (no refinement) replaced a non-finite w = -B^-T zbar by the
+    # Jacobian-free zbar without a word: a cotangent of 1e37 through a layer of
+    # gain 0.99 overflows SHINE's estimate (exact gradient 1e39).
+    deq = optax_pes.DEQ(lambda z, x: 0.99 * z + x, adjoint=optax_pes.Shine())
+
+    def loss(x):
+        return 1e37 * jnp.sum(deq(x, jnp.zeros(1)))
+
+    with pytest.warns(RuntimeWarning, match="optax_pes.DEQ: .*SHINE estimate"):
+        grad = jax.grad(loss)(jnp.array([1.0]))
+    assert np.all(np.isfinite(grad))

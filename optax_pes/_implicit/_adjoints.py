@@ -393,13 +393,23 @@ def _warn(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=1)
 
 
+_NON_FINITE = (
+    "the SHINE estimate w = -B^-T zbar was not finite (Broyden's inverse blew up, or "
+    "the cotangent is too large for the layer's dtype); those samples used the "
+    "Jacobian-free w = zbar instead"
+)
+
+
 def _report(
-    w: Float[Array, " d"], failed: Bool[Array, ""], adjoint: "_AbstractCotangentAdjoint"
+    w: Float[Array, " d"],
+    failed: Bool[Array, ""],
+    adjoint: "_AbstractCotangentAdjoint",
+    what: str | None = None,
 ) -> Float[Array, " d"]:
     """Tell the user about failed backward solves: warn, or raise with `throw`."""
     message = (
         f"optax_pes.DEQ: the backward solve of adjoint={adjoint!r} failed for some "
-        f"samples: {adjoint.failure()}"
+        f"samples: {adjoint.failure() if what is None else what}"
     )
     if adjoint.throw:
         return eqx.error_if(w, failed, message)
@@ -448,4 +458,6 @@ def _backward_map_bwd(_, grad, perturbed, out, residuals, adjoint):
     w = jnp.where(nonfinite, grad_flat, w)
     if failed is not None:
         w = _report(w, failed | nonfinite, adjoint)
+    elif isinstance(adjoint, Shine):  # no backward solve, but an estimate
+        w = _report(w, nonfinite, adjoint, _NON_FINITE)
     return unravel(w)

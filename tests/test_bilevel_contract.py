@@ -332,7 +332,7 @@ def test_non_finite_hyperparameters():
     assert not np.isfinite(float(new_state.hypergrad_norm))
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0.0, -1e-3])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1e-3])
 @pytest.mark.parametrize("name", ["inner_tol", "implicit_tol"])
 def test_an_unusable_traced_tolerance_adds_nothing(name, bad):
     """An injected tolerance that is not positive and finite cannot raise under
@@ -353,6 +353,39 @@ def test_an_unusable_traced_tolerance_adds_nothing(name, bad):
     _assert_trees_equal(updates, incoming)
     _assert_trees_equal(new_state.inner_state.inner_params, _inner_init())
     assert not np.isfinite(float(new_state.inner_state.hypergrad_norm))
+    if name == "inner_tol":  # the skipped solve is not reported as converged
+        assert not bool(new_state.inner_state.inner_converged)
+
+
+def test_a_tolerance_schedule_may_reach_zero():
+    """A decreasing schedule may end at 0 (or underflow to it): the solve then runs
+    to inner_max_steps, and the hypergradient is added, eagerly and under jit."""
+    params = _params()
+    tx = _make("implicit", inner_tol=optax.linear_schedule(1e-3, 0.0, 1))
+    state = tx.init(params)
+    for update in (tx.update, jax.jit(tx.update)):
+        updates, new_state = update(_zeros(params), state._replace(count=5), params)
+        _assert_finite(updates)
+        assert any(np.any(np.asarray(u) != 0) for u in jax.tree.leaves(updates))
+        assert int(new_state.inner_steps) == SETTINGS["inner_max_steps"]
+
+
+def test_a_large_finite_hypergradient_is_added(x64):
+    """The finiteness check is leaf by leaf: a float32 norm of a 1e30 float64
+    hypergradient would overflow and drop it."""
+    inner_loss, outer_loss = _losses(jnp.float64)
+    tx = optax_pes.shine_bilevel(
+        inner_loss,
+        lambda w, h: 1e30 * outer_loss(w, h),
+        inner_init=_inner_init(jnp.float64),
+        method="implicit",
+        **SETTINGS,
+    )
+    params = _params(jnp.float64)
+    updates, _ = jax.jit(tx.update)(_zeros(params), tx.init(params), params)
+    leaves = [np.asarray(u) for u in jax.tree.leaves(updates)]
+    assert all(np.all(np.isfinite(u)) for u in leaves)
+    assert max(np.abs(u).max() for u in leaves) > 1e25
 
 
 def test_a_schedule_of_inner_tol_is_checked():
@@ -361,7 +394,7 @@ def test_a_schedule_of_inner_tol_is_checked():
     params = _params()
     for value in (jnp.nan, -1.0):
         tx = _make("shine", inner_tol=lambda count, v=value: v * jnp.ones(()))
-        with pytest.raises(ValueError, match="inner_tol must be a positive"):
+        with pytest.raises(ValueError, match="inner_tol must be a float >= 0"):
             tx.update(_zeros(params), tx.init(params), params)
         updates, state = jax.jit(tx.update)(_zeros(params), tx.init(params), params)
         _assert_trees_equal(updates, _zeros(params))

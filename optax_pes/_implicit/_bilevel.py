@@ -60,7 +60,8 @@ class BilevelState(NamedTuple):
     inner_grad_norm: jax.Array  # shape=(), float32: |grad_w f(w*, h)| at its end
     inner_converged: jax.Array  # shape=(), bool: False when it hit inner_max_steps
     hypergrad_norm: jax.Array  # shape=(), float32: norm of the last hypergradient;
-    #   inf or NaN when it (or the outer gradient) was not finite and nothing was added
+    #   NaN when it (or the outer gradient, or a traced tolerance) was not usable and
+    #   nothing was added
 
 
 # ------------------------------------------------------------------ the methods ----
@@ -335,18 +336,21 @@ def _check_tol(value: Any, name: str) -> Any:
 
 def _usable_tol(value: Any, name: str) -> tuple[Array, Array | None]:
     """`(tol, ok)` for a tolerance met at update time (a schedule's value, an
-    injected hyperparameter). A concrete one is checked (an error naming `name`,
-    `ok` None); a traced one cannot raise a readable error under `jit`, so `ok`
-    says whether it is positive and finite, and the update is left out if not."""
+    injected hyperparameter). It may be 0 (a decreasing schedule's end, or an
+    underflow: the solve then runs to its step limit). A concrete one is checked
+    (an error naming `name`, `ok` None); a traced one cannot raise a readable error
+    under `jit`, so `ok` says whether it is finite and >= 0, and the update is left
+    out if not."""
     if np.ndim(value) != 0:
         raise ValueError(
             f"{name} must be a scalar (a float, or a schedule returning one), got "
             f"shape {np.shape(value)}"
         )
     if is_concrete(value):
-        return jnp.asarray(check_float(np.asarray(value).item(), name)), None
+        value = check_float(np.asarray(value).item(), name, low_inclusive=True)
+        return jnp.asarray(value), None
     value = jnp.asarray(value)
-    return value, jnp.isfinite(value) & (value > 0)
+    return value, jnp.isfinite(value) & (value >= 0)
 
 
 def _check_names(names: Any) -> tuple[str, ...]:
@@ -541,20 +545,26 @@ def shine_bilevel(
         # adds nothing and keeps the previous warm start; hypergrad_norm records
         # it (not finite). The outer gradient is checked too: a linear solve may turn a
         # non-finite right-hand side into a finite, meaningless v.
-        norm = global_norm_f32(hypergrad)
-        norm = jnp.where(jnp.all(jnp.isfinite(outer_grad)), norm, jnp.inf)
+        # (Leaf by leaf: a float32 norm of a large finite float64 hypergradient
+        # would overflow.)
+        finite = jnp.all(jnp.isfinite(outer_grad))
+        for leaf in jax.tree.leaves(hypergrad):
+            finite = finite & jnp.all(jnp.isfinite(leaf))
         for ok in usable:
-            norm = jnp.where(ok, norm, jnp.nan)
-        finite = jnp.isfinite(norm)
+            finite = finite & ok
+        norm = jnp.where(finite, global_norm_f32(hypergrad), jnp.nan)
         hypergrad = jax.tree.map(lambda a: jnp.where(finite, a, 0), hypergrad)
         # A left-out update keeps the previous warm start.
         w = jnp.where(finite & jnp.all(jnp.isfinite(w)), w, ravel_pytree(w0)[0])
+        converged = jnp.linalg.norm(grad) <= tol
+        if tol_ok is not None:  # a skipped solve did not converge
+            converged = converged & tol_ok
         new_state = BilevelState(
             count=state.count + 1,
             inner_params=unravel(w),
             inner_steps=steps,
             inner_grad_norm=jnp.linalg.norm(grad).astype(jnp.float32),
-            inner_converged=jnp.linalg.norm(grad) <= tol,
+            inner_converged=converged,
             hypergrad_norm=norm,
         )
         return add_to_updates(updates, hypergrad), new_state

@@ -28,9 +28,10 @@ def add_to_updates(updates: PyTree, estimate: PyTree) -> PyTree:
     """`updates + estimate`, leaf by leaf, in the dtypes of `updates` (an estimator
     transformation *adds* its estimate, as optax's `add_noise` adds noise).
 
-    An `updates` leaf whose float type has a smaller range than the estimate's (float16
-    updates for float32 params) is refused: the cast would turn a finite estimate
-    into inf after every finiteness check.
+    An `updates` leaf whose float type has a smaller range than both the
+    estimate's and float32's (float16 updates for float32 params) is refused: the
+    cast would turn an ordinary finite estimate into inf after every finiteness
+    check. bfloat16, and float32 updates for float64 params, are allowed.
     """
 
     def add(u, e):
@@ -38,7 +39,7 @@ def add_to_updates(updates: PyTree, estimate: PyTree) -> PyTree:
         if (
             jnp.issubdtype(u_type, jnp.floating)
             and jnp.issubdtype(e_type, jnp.floating)
-            and jnp.finfo(u_type).maxexp < jnp.finfo(e_type).maxexp
+            and jnp.finfo(u_type).maxexp < min(jnp.finfo(e_type).maxexp, 128)
         ):
             raise TypeError(
                 f"updates has dtype {u_type} where the params (and the estimate) are "

@@ -372,3 +372,12 @@ def test_a_non_finite_shine_estimate_warns():
     with pytest.warns(RuntimeWarning, match="optax_pes.DEQ: .*SHINE estimate"):
         grad = jax.grad(loss)(jnp.array([1.0]))
     assert np.all(np.isfinite(grad))
+
+
+def test_a_non_finite_cotangent_is_not_blamed_on_shine():
+    # A NaN loss sends a NaN cotangent: SHINE's estimate is NaN too, but that is
+    # not SHINE's failure, and throw=True must not raise for it.
+    deq = optax_pes.DEQ(lambda z, x: 0.5 * z + x, adjoint=optax_pes.Shine(throw=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jax.grad(lambda x: jnp.nan * jnp.sum(deq(x, jnp.zeros(1))))(jnp.array([1.0]))

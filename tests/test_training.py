@@ -338,16 +338,27 @@ def test_val_data_without_a_validation_objective_is_refused():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(momentum=0.0), "momentum must be a float in \\(0, 1\\)"),
-        (dict(momentum=1.0), "momentum must be a float in \\(0, 1\\)"),
+        (dict(momentum=1.0), "momentum must be a float in \\[0, 1\\)"),
+        (dict(momentum=-0.1), "momentum must be a float in \\[0, 1\\)"),
         (dict(learning_rate=float("inf")), "learning_rate must be a positive"),
         (dict(weight_decay=float("nan")), "weight_decay must be a positive"),
         (dict(learning_rate=1e300), "learning_rate=1e\\+300 is out of range"),
     ],
 )
 def test_per_layer_sgd_refuses_values_theta_cannot_hold(kwargs, match):
-    # A momentum of 0 was documented as allowed and gave a -inf logit in theta;
     # inf (or float32-overflowing) rates gave inf leaves the estimators then
     # blamed on params.
     with pytest.raises(ValueError, match=match):
         tasks.per_layer_sgd({"w": jnp.ones((3, 2))}, **kwargs)
+
+
+def test_per_layer_sgd_holds_plain_sgd_and_array_scalars():
+    # momentum=0 (plain SGD) gave a -inf logit in theta: it is held as 1e-6. Concrete
+    # 0-d arrays are accepted as numbers.
+    theta, make = tasks.per_layer_sgd(
+        {"w": jnp.ones((3, 2))}, momentum=0.0, learning_rate=jnp.asarray(0.1)
+    )
+    for leaf in jax.tree.leaves(theta):
+        assert np.all(np.isfinite(leaf))
+    momentum = jax.nn.sigmoid(theta["logit_momentum"]["w"])
+    np.testing.assert_allclose(momentum, 1e-6, rtol=1e-3)

@@ -148,7 +148,8 @@ class Shine(_AbstractCotangentAdjoint):
     Krylov steps (`"gmres"`: also for non-contractive layers, with lineax's
     per-step overhead). `fallback=True` replaces $w$ by $\bar z$ (Jacobian-free)
     for a sample whose $\|w\| >$ `fallback_threshold` $\|\bar z\|$, checked before
-    refinement. A non-finite $w$ always falls back. Needs a solver that provides an
+    refinement. A non-finite $w$ (from a finite $\bar z$) falls back too, with a
+    `RuntimeWarning` (`throw=True`: an error). Needs a solver that provides an
     inverse estimate (`optax_pes.Broyden`).
 
     A refinement that fails for a sample (fixed-point steps whose residual
@@ -159,7 +160,7 @@ class Shine(_AbstractCotangentAdjoint):
 
     **Arguments:** `refine_steps` ($\geq 0$), `fallback`, `fallback_threshold`
     ($> 0$), `refine_solver` (`"fixed_point"` or `"gmres"`), `throw` (raise on a
-    failed refinement instead of warning).
+    failed refinement or a non-finite estimate instead of warning).
 
     **References:** Ramzi, Mannel, Bai, Starck, Ciuciu, Moreau, *SHINE: SHaring the
     INverse Estimate from the forward pass for bi-level optimization and implicit
@@ -396,7 +397,7 @@ def _warn(message: str) -> None:
 _NON_FINITE = (
     "the SHINE estimate w = -B^-T zbar was not finite (Broyden's inverse blew up, or "
     "the cotangent is too large for the layer's dtype); those samples used the "
-    "Jacobian-free w = zbar instead"
+    "Jacobian-free w = zbar instead (with throw=True: raised)"
 )
 
 
@@ -409,7 +410,9 @@ def _report(
     """Tell the user about failed backward solves: warn, or raise with `throw`."""
     message = (
         f"optax_pes.DEQ: the backward solve of adjoint={adjoint!r} failed for some "
-        f"samples: {adjoint.failure() if what is None else what}"
+        f"samples: {adjoint.failure()}"
+        if what is None
+        else f"optax_pes.DEQ: adjoint={adjoint!r}, for some samples: {what}"
     )
     if adjoint.throw:
         return eqx.error_if(w, failed, message)
@@ -459,5 +462,7 @@ def _backward_map_bwd(_, grad, perturbed, out, residuals, adjoint):
     if failed is not None:
         w = _report(w, failed | nonfinite, adjoint)
     elif isinstance(adjoint, Shine):  # no backward solve, but an estimate
-        w = _report(w, nonfinite, adjoint, _NON_FINITE)
+        # (A non-finite cotangent is the loss's doing, not SHINE's: not reported.)
+        upstream = ~jnp.all(jnp.isfinite(grad_flat))
+        w = _report(w, nonfinite & ~upstream, adjoint, _NON_FINITE)
     return unravel(w)

@@ -54,6 +54,16 @@ def lr_schedule(
     return schedule
 
 
+MIN_MOMENTUM = 1e-6  # how per_layer_sgd holds momentum=0 (theta holds its logit)
+
+
+def _scalar(value: Any) -> Any:
+    """A concrete 0-d numpy or jax array as a Python number (others as they are)."""
+    if isinstance(value, (np.ndarray, jax.Array)) and np.ndim(value) == 0:
+        return np.asarray(value).item()
+    return value
+
+
 def per_layer_sgd(
     model: Any,
     *,
@@ -79,7 +89,8 @@ def per_layer_sgd(
     - `model`: the model given to `optax_pes.tasks.training_system` (Equinox, Flax NNX
       or a pytree of arrays); only its structure is used.
     - `learning_rate`, `momentum`, `weight_decay`: the starting values, the same for
-      every array.
+      every array: positive finite rates, a momentum in [0, 1) (0, plain SGD, is held
+      as 1e-6, since theta holds its logit).
 
     **Returns:** `(theta, optimizer)`: `theta` is a dict with entries
     `"log_learning_rate"`, `"logit_momentum"` and `"log_weight_decay"`, each a pytree
@@ -101,23 +112,25 @@ def per_layer_sgd(
 
     ```
     """
-    # theta holds logs and a logit: a momentum of 0 would be -inf (use a tiny one).
+    learning_rate = check_float(_scalar(learning_rate), "learning_rate")
+    weight_decay = check_float(_scalar(weight_decay), "weight_decay")
+    momentum = _scalar(momentum)
     if isinstance(momentum, bool) or not (
-        isinstance(momentum, (int, float, np.integer, np.floating)) and 0 < momentum < 1
+        isinstance(momentum, (int, float, np.integer, np.floating))
+        and 0 <= momentum < 1
     ):
-        raise ValueError(
-            f"momentum must be a float in (0, 1) (theta holds its logit), got "
-            f"{momentum!r}"
-        )
-    learning_rate = check_float(learning_rate, "learning_rate")
-    weight_decay = check_float(weight_decay, "weight_decay")
+        raise ValueError(f"momentum must be a float in [0, 1), got {momentum!r}")
+    # theta holds the logit: plain SGD (momentum 0) is held as MIN_MOMENTUM.
+    momentum = max(momentum, MIN_MOMENTUM)
     params = partition_model(model).params
 
     def full(value, name, given):
         for p in jax.tree.leaves(params):
-            if given > float(jnp.finfo(p.dtype).max):
+            info = jnp.finfo(p.dtype)
+            if not float(info.smallest_subnormal) <= given <= float(info.max):
                 raise ValueError(
-                    f"{name}={given!r} is out of range for the model's {p.dtype} arrays"
+                    f"{name}={given!r} is out of range for the model's {p.dtype} "
+                    "arrays (it overflows or underflows there)"
                 )
         return jax.tree.map(lambda p: jnp.asarray(value, p.dtype), params)
 

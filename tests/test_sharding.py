@@ -18,21 +18,35 @@ import optax_pes
 CHECKS = pathlib.Path(__file__).with_name("sharded_checks.py")
 
 
-def test_sharded_estimate_equals_single_device():
+def _sharded_checks(*args: str) -> str:
     env = dict(os.environ)
     env["XLA_FLAGS"] = (
         env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
     ).strip()
     env["JAX_PLATFORMS"] = "cpu"
     done = subprocess.run(
-        [sys.executable, str(CHECKS)],
+        [sys.executable, str(CHECKS), *args],
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count("ok:") == 9, done.stdout
+    return done.stdout
+
+
+def test_sharded_estimate_equals_single_device():
+    # PES (staggered, on the training system) and TBPTT on a 4-device mesh and on a
+    # 2x2 grid, and a sharded checkpoint restored: the default suite's share.
+    out = _sharded_checks("--quick")
+    assert out.count("ok:") == 4, out
+
+
+@pytest.mark.slow
+def test_every_sharded_estimator_equals_single_device():
+    # Every estimator, and Auto as well as Explicit mesh axes (about 75 s).
+    out = _sharded_checks()
+    assert out.count("ok:") == 9, out
 
 
 def test_mesh_errors_name_the_argument():

@@ -90,7 +90,18 @@ def pages_with_code() -> list[str]:
     )
 
 
-@pytest.mark.parametrize("page", pages_with_code())
+# The two pages whose code trains for a while (~23 s each on 2 cores) run with the
+# slow tests, which CI runs after the default suite.
+SLOW_PAGES = ("training.md", "deq.md")
+
+
+@pytest.mark.parametrize(
+    "page",
+    [
+        pytest.param(page, marks=pytest.mark.slow) if page in SLOW_PAGES else page
+        for page in pages_with_code()
+    ],
+)
 def test_page_code_runs(page, capsys):
     blocks = fenced_blocks((DOCS / page).read_text())
     runnable = [block for block in blocks if block.skip is None]

@@ -70,6 +70,7 @@ def _z_score(name, system, theta, *, truncation_length, stagger, episodes, repli
     return max_z_score(samples, expected)
 
 
+@pytest.mark.slow  # statistical (30 s): the default suite keeps the bias checks below
 @settings(
     max_examples=8,
     deadline=None,

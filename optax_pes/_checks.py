@@ -41,6 +41,15 @@ def check_int(value: Any, name: str, low: int, high: int | None = None) -> int:
     return value
 
 
+def concrete_number(value: Any) -> Any:
+    """A concrete 0-d numpy or jax array as a Python number (for the checks below);
+    anything else, tracers included, as it is."""
+    if isinstance(value, (np.ndarray, jax.Array)) and np.ndim(value) == 0:
+        if is_concrete(value):
+            return np.asarray(value).item()
+    return value
+
+
 def check_float(
     value: Any,
     name: str,

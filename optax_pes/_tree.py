@@ -17,6 +17,15 @@ def tree_where(mask: Bool[Array, " n"], on_true: PyTree, on_false: PyTree) -> Py
     return jax.tree.map(select, on_true, on_false)
 
 
+def tree_all_finite(tree: PyTree) -> Bool[Array, ""]:
+    """Whether every element of every leaf is finite (leaf by leaf: no norm that
+    could overflow)."""
+    finite = jnp.asarray(True)
+    for leaf in jax.tree.leaves(tree):
+        finite = finite & jnp.all(jnp.isfinite(leaf))
+    return finite
+
+
 def stop_gradient(tree: Any) -> Any:
     """`lax.stop_gradient` on every array leaf, other leaves untouched."""
     return jax.tree.map(

@@ -21,7 +21,7 @@ from optax_pes._es._state import (
 )
 from optax_pes._es._system import UnrolledSystem, check_against_system
 from optax_pes._es._window import run_window
-from optax_pes._tree import add_to_updates
+from optax_pes._tree import add_to_updates, tree_all_finite
 
 
 def tbptt(
@@ -103,9 +103,7 @@ def tbptt(
         grads, result = jax.grad(window_loss, has_aux=True)(thetas)
         grads = config.placement.replicate(grads)  # reduce as on one device
         # Non-finite params under jit: left out and counted, whatever the losses.
-        valid = window_validity(config, result) & jnp.all(
-            jnp.asarray([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)])
-        )
+        valid = window_validity(config, result) & tree_all_finite(params)
         for g in jax.tree.leaves(grads):
             valid = valid & jnp.all(jnp.isfinite(g.reshape(n, -1)), axis=1)
         count = jnp.maximum(jnp.sum(valid), 1)
@@ -120,9 +118,7 @@ def tbptt(
             ),
             grads,
         )
-        finite = jnp.all(
-            jnp.asarray([jnp.all(jnp.isfinite(e)) for e in jax.tree.leaves(estimate)])
-        )
+        finite = tree_all_finite(estimate)
         estimate = jax.tree.map(lambda e: jnp.where(finite, e, 0), estimate)
         valid = valid & finite
         new_state = next_state(

@@ -40,13 +40,14 @@ from optax_pes._checks import (
     check_float,
     check_float_tree,
     check_int,
+    concrete_number,
     describe,
     is_concrete,
     is_params_placeholder,
     require_params,
 )
 from optax_pes._implicit import _lbfgs
-from optax_pes._tree import add_to_updates, global_norm_f32
+from optax_pes._tree import add_to_updates, global_norm_f32, tree_all_finite
 
 Method = Literal["shine", "shine_opa", "shine_refine", "implicit", "jacobian_free"]
 
@@ -325,13 +326,12 @@ def _check_losses(inner_loss, outer_loss, inner_init, hparams, kwargs) -> None:
             raise ValueError(f"{name} must return a float scalar, got {describe(out)}")
 
 
-def _check_tol(value: Any, name: str) -> Any:
-    """A positive float; a traced scalar (`inject_hyperparams` under `jit`) as is."""
-    if isinstance(value, (jax.Array, np.ndarray)) and np.ndim(value) == 0:
-        if not is_concrete(value):
-            return value
-        value = np.asarray(value).item()
-    return check_float(value, name)
+def _check_tol(value: Any, name: str, *, low_inclusive: bool = False) -> Any:
+    """A positive float (>= 0 with `low_inclusive`); a traced scalar
+    (`inject_hyperparams` under `jit`) as is."""
+    if np.ndim(value) == 0 and not is_concrete(value):
+        return value
+    return check_float(concrete_number(value), name, low_inclusive=low_inclusive)
 
 
 def _usable_tol(value: Any, name: str) -> tuple[Array, Array | None]:
@@ -347,8 +347,7 @@ def _usable_tol(value: Any, name: str) -> tuple[Array, Array | None]:
             f"shape {np.shape(value)}"
         )
     if is_concrete(value):
-        value = check_float(np.asarray(value).item(), name, low_inclusive=True)
-        return jnp.asarray(value), None
+        return jnp.asarray(_check_tol(value, name, low_inclusive=True)), None
     value = jnp.asarray(value)
     return value, jnp.isfinite(value) & (value >= 0)
 
@@ -507,10 +506,10 @@ def shine_bilevel(
         kwargs = _loss_kwargs(loss_kwargs, extra_args)
         _check_losses(inner_loss, outer_loss, inner_init, params, kwargs)
         w0 = jax.tree.map(jnp.asarray, state.inner_params)
-        unravel = ravel_pytree(w0)[1]
+        w0_flat, unravel = ravel_pytree(w0)
         tol = inner_tol(state.count) if callable(inner_tol) else inner_tol
         tol, tol_ok = _usable_tol(tol, "inner_tol")
-        tol = tol.astype(ravel_pytree(w0)[0].dtype)
+        tol = tol.astype(w0_flat.dtype)
         if tol_ok is not None:  # an unusable traced tolerance: no solve at all
             tol = jnp.where(tol_ok, tol, jnp.inf)
         usable = [ok for ok in (tol_ok, strategy.usable()) if ok is not None]
@@ -544,18 +543,15 @@ def shine_bilevel(
         # at w*; NaN hyperparameters under jit), or an unusable traced tolerance,
         # adds nothing and keeps the previous warm start; hypergrad_norm records
         # it (not finite). The outer gradient is checked too: a linear solve may turn a
-        # non-finite right-hand side into a finite, meaningless v.
-        # (Leaf by leaf: a float32 norm of a large finite float64 hypergradient
-        # would overflow.)
-        finite = jnp.all(jnp.isfinite(outer_grad))
-        for leaf in jax.tree.leaves(hypergrad):
-            finite = finite & jnp.all(jnp.isfinite(leaf))
+        # non-finite right-hand side into a finite, meaningless v. (Leaf by leaf:
+        # a float32 norm of a large finite float64 hypergradient would overflow.)
+        finite = tree_all_finite((outer_grad, hypergrad))
         for ok in usable:
             finite = finite & ok
         norm = jnp.where(finite, global_norm_f32(hypergrad), jnp.nan)
         hypergrad = jax.tree.map(lambda a: jnp.where(finite, a, 0), hypergrad)
         # A left-out update keeps the previous warm start.
-        w = jnp.where(finite & jnp.all(jnp.isfinite(w)), w, ravel_pytree(w0)[0])
+        w = jnp.where(finite & tree_all_finite(w), w, w0_flat)
         converged = jnp.linalg.norm(grad) <= tol
         if tol_ok is not None:  # a skipped solve did not converge
             converged = converged & tol_ok

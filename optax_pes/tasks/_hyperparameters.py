@@ -9,7 +9,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, PyTree
 
-from optax_pes._checks import check_float
+from optax_pes._checks import check_float, concrete_number
 from optax_pes.tasks._training import partition_model
 
 
@@ -55,13 +55,6 @@ def lr_schedule(
 
 
 MIN_MOMENTUM = 1e-6  # how per_layer_sgd holds momentum=0 (theta holds its logit)
-
-
-def _scalar(value: Any) -> Any:
-    """A concrete 0-d numpy or jax array as a Python number (others as they are)."""
-    if isinstance(value, (np.ndarray, jax.Array)) and np.ndim(value) == 0:
-        return np.asarray(value).item()
-    return value
 
 
 def per_layer_sgd(
@@ -112,9 +105,9 @@ def per_layer_sgd(
 
     ```
     """
-    learning_rate = check_float(_scalar(learning_rate), "learning_rate")
-    weight_decay = check_float(_scalar(weight_decay), "weight_decay")
-    momentum = _scalar(momentum)
+    learning_rate = check_float(concrete_number(learning_rate), "learning_rate")
+    weight_decay = check_float(concrete_number(weight_decay), "weight_decay")
+    momentum = concrete_number(momentum)
     if isinstance(momentum, bool) or not (
         isinstance(momentum, (int, float, np.integer, np.floating))
         and 0 <= momentum < 1

@@ -59,7 +59,7 @@ import jax.numpy as jnp
 import lineax as lx
 import numpy as np
 import optimistix as optx
-from _problems import Layer, make_conv_layer, make_layer
+from _problems import Layer, digits_data, make_conv_layer, make_layer
 from _timing import block, compare, cosine, medians, ms, of_thunks
 from jax.flatten_util import ravel_pytree
 
@@ -224,6 +224,41 @@ def backward_section(args, layer, xs, z0, zs_exact, cotangent):
     return times, cos, fwd_time
 
 
+def adjoint_suite(implicit_tol: float, phantom: bool = False) -> dict[str, Any]:
+    """The adjoints the conv and MDEQ sections compare, by name."""
+    return {
+        "JacobianFree": optax_pes.JacobianFree(),
+        "Shine": optax_pes.Shine(),
+        "Shine(fallback)": optax_pes.Shine(fallback=True),
+        **{f"Shine(refine={r})": optax_pes.Shine(refine_steps=r) for r in (1, 2, 5)},
+        **({"Phantom(5)": optax_pes.Phantom(k=5, damping=0.5)} if phantom else {}),
+        "Implicit(gmres)": optax_pes.Implicit(max_steps=100, tol=implicit_tol),
+        "Implicit(fixed_point)": optax_pes.Implicit(
+            max_steps=100, tol=implicit_tol, linear_solver="fixed_point"
+        ),
+    }
+
+
+def print_adjoint_table(times, cos, base: str, base_label: str) -> None:
+    """Time per pullback, its ratios to `base` and to Shine, and the cosine."""
+    print(f"{'':24} {'time':>12} {base_label:>7} {'/ Shine':>9} {'cos(exact)':>12}")
+    base_t, shine = times[base], times["Shine"]
+    for k, t in times.items():
+        print(
+            f"{k:24} {ms(t, '9.3f', unit=True)} {t / base_t:7.2f} {t / shine:9.2f} "
+            f"{cos[k]:12.4f}"
+        )
+
+
+def summary_table(layer: str, rows: list[tuple[str, str]]) -> str:
+    """A markdown table of `(ratio, measured)` rows for one layer."""
+    platform = jax.devices()[0].platform
+    lines = [f"| {platform} | {layer} | {label} | {value} |" for label, value in rows]
+    return "\n".join(
+        ["| device | layer | ratio | measured |", "|---|---|---|---|", *lines]
+    )
+
+
 # ------------------------------------------------------------- conv layer ------
 
 
@@ -285,16 +320,7 @@ def conv_section(args, gain: float) -> str:
         f"z {shape} NHWC, batch {batch}, Broyden memory 30, tol {args.tol}"
     )
     solver = optax_pes.Broyden(max_steps=args.max_steps, tol=args.tol, memory=30)
-    adjoints: dict[str, Any] = {
-        "JacobianFree": optax_pes.JacobianFree(),
-        "Shine": optax_pes.Shine(),
-        "Shine(fallback)": optax_pes.Shine(fallback=True),
-        **{f"Shine(refine={r})": optax_pes.Shine(refine_steps=r) for r in (1, 2, 5)},
-        "Implicit(gmres)": optax_pes.Implicit(max_steps=100, tol=args.tol),
-        "Implicit(fixed_point)": optax_pes.Implicit(
-            max_steps=100, tol=args.tol, linear_solver="fixed_point"
-        ),
-    }
+    adjoints = adjoint_suite(args.tol)
     vjps: dict[str, Any] = {}
     fwd_fns: dict[str, Callable[[], Any]] = {}
     for name, adjoint in adjoints.items():
@@ -332,13 +358,8 @@ def conv_section(args, gain: float) -> str:
         f"exact backward's residual |zbar + J^T w - w| / |w| <= "
         f"{exact_res(cotangent):.1e}"
     )
-    print(f"{'':24} {'time':>12} {'/ VJP':>7} {'/ Shine':>9} {'cos(exact)':>12}")
+    print_adjoint_table(times, cos, "VJP of f at z*", "/ VJP")
     vjp_t, shine = times["VJP of f at z*"], times["Shine"]
-    for k, t in times.items():
-        print(
-            f"{k:24} {ms(t, '9.3f', unit=True)} {t / vjp_t:7.2f} {t / shine:9.2f} "
-            f"{cos[k]:12.4f}"
-        )
     print(
         "cosine with the exact gradient on a classification loss's cotangent: "
         + ", ".join(f"{k} {c:.4f}" for k, c in loss_cos.items())
@@ -349,32 +370,30 @@ def conv_section(args, gain: float) -> str:
     )
     exact_t = times[f"unrolled exact ({args.conv_exact_steps})"]
     rows = [
-        ("Shine / one batched VJP of f at z*", shine / vjp_t),
-        ("Shine(refine=5) / Shine", times["Shine(refine=5)"] / shine),
+        ("Shine / one batched VJP of f at z*", f"{shine / vjp_t:.2f}"),
+        ("Shine(refine=5) / Shine", f"{times['Shine(refine=5)'] / shine:.2f}"),
         (
             "Implicit(fixed_point) / unrolled exact",
-            times["Implicit(fixed_point)"] / exact_t,
+            f"{times['Implicit(fixed_point)'] / exact_t:.2f}",
         ),
-        ("Implicit(gmres) / unrolled exact", times["Implicit(gmres)"] / exact_t),
-        ("Implicit(fixed_point) / Shine", times["Implicit(fixed_point)"] / shine),
-        ("cosine Shine / JacobianFree", None),
-        ("cosine Shine / JacobianFree, loss cotangent", "loss"),
+        (
+            "Implicit(gmres) / unrolled exact",
+            f"{times['Implicit(gmres)'] / exact_t:.2f}",
+        ),
+        (
+            "Implicit(fixed_point) / Shine",
+            f"{times['Implicit(fixed_point)'] / shine:.2f}",
+        ),
+        (
+            "cosine Shine / JacobianFree",
+            f"{cos['Shine']:.3f} / {cos['JacobianFree']:.3f}",
+        ),
+        (
+            "cosine Shine / JacobianFree, loss cotangent",
+            f"{loss_cos['Shine']:.3f} / {loss_cos['JacobianFree']:.3f}",
+        ),
     ]
-    lines = [
-        f"| {jax.devices()[0].platform} | conv gain {gain} (8, 8, {channels}) "
-        f"x {batch} | {label} "
-        + (
-            f"| {loss_cos['Shine']:.3f} / {loss_cos['JacobianFree']:.3f} |"
-            if value == "loss"
-            else f"| {value:.2f} |"
-            if value is not None
-            else f"| {cos['Shine']:.3f} / {cos['JacobianFree']:.3f} |"
-        )
-        for label, value in rows
-    ]
-    return "\n".join(
-        ["| device | layer | ratio | measured |", "|---|---|---|---|", *lines]
-    )
+    return summary_table(f"conv gain {gain} (8, 8, {channels}) x {batch}", rows)
 
 
 # -------------------------------------------------------------- multiscale DEQ ---
@@ -382,12 +401,9 @@ def conv_section(args, gain: float) -> str:
 
 def digits(seed: int):
     """scikit-learn's 8x8 digits, shuffled (pixels / 16, channels-last), and labels."""
-    from sklearn.datasets import load_digits
-
-    images, labels = load_digits(return_X_y=True)
+    pixels, labels = digits_data()
     order = np.random.RandomState(seed).permutation(len(labels))
-    images = images.reshape(-1, 8, 8, 1).astype(np.float32) / 16.0
-    return jnp.asarray(images[order]), jnp.asarray(labels[order])
+    return pixels.reshape(-1, 8, 8, 1)[order], labels[order]
 
 
 def mdeq_model(args, adjoint, seed: int = 0):
@@ -402,7 +418,8 @@ def mdeq_model(args, adjoint, seed: int = 0):
 
 
 def mdeq_trained(args, images, labels):
-    """The example's MDEQ after `--mdeq-train-steps` Adam steps with Shine."""
+    """`(model, last loss)`: the example's MDEQ after `--mdeq-train-steps` Adam
+    steps with Shine."""
     import optax
 
     model = mdeq_model(args, optax_pes.Shine(), args.seed)
@@ -425,7 +442,7 @@ def mdeq_trained(args, images, labels):
     for _ in range(args.mdeq_train_steps):
         idx = rng.randint(0, len(labels), args.mdeq_batch)
         params, opt_state, value = step(params, opt_state, images[idx], labels[idx])
-    return params, float(value)
+    return eqx.combine(params, static), float(value)
 
 
 def mdeq_exact(model, images, ct):
@@ -473,7 +490,7 @@ def mdeq_section(args) -> str:
     gradient on the training loss's cotangent; returns a summary table."""
     images, labels = digits(args.seed)
     t0 = time.perf_counter()
-    params, train_loss = mdeq_trained(args, images, labels)
+    trained, train_loss = mdeq_trained(args, images, labels)
     x, y = images[: args.mdeq_batch], labels[: args.mdeq_batch]
     print(
         f"\n######## multiscale DEQ (optax_pes.models.MDEQClassifier, channels "
@@ -481,20 +498,7 @@ def mdeq_section(args) -> str:
         f"memory 30, tol {args.mdeq_tol}; {args.mdeq_train_steps} Adam steps with "
         f"Shine first (loss {train_loss:.3f}, {time.perf_counter() - t0:.0f} s)"
     )
-    adjoints: dict[str, Any] = {
-        "JacobianFree": optax_pes.JacobianFree(),
-        "Shine": optax_pes.Shine(),
-        "Shine(fallback)": optax_pes.Shine(fallback=True),
-        **{f"Shine(refine={r})": optax_pes.Shine(refine_steps=r) for r in (1, 2, 5)},
-        "Phantom(5)": optax_pes.Phantom(k=5, damping=0.5),
-        "Implicit(gmres)": optax_pes.Implicit(max_steps=100, tol=1e-4),
-        "Implicit(fixed_point)": optax_pes.Implicit(
-            max_steps=100, tol=1e-4, linear_solver="fixed_point"
-        ),
-    }
-    base = mdeq_model(args, optax_pes.Shine(), args.seed)
-    _, static0 = eqx.partition(base, eqx.is_inexact_array)
-    trained = eqx.combine(params, static0)
+    adjoints = adjoint_suite(1e-4, phantom=True)
     logits = jax.vmap(trained)(x)
     # The cotangent the training loss sends into the logits (mean cross-entropy).
     ct = jax.grad(lambda lg: jnp.mean(-jax.nn.log_softmax(lg)[jnp.arange(len(y)), y]))(
@@ -523,13 +527,8 @@ def mdeq_section(args) -> str:
         f"z* with max |f(z*) - z*| = {float(res):.1e}; Shine(fallback) "
         f"{'changed' if fired else 'did not change'} the gradient"
     )
-    print(f"{'':24} {'time':>12} {'/ JFB':>7} {'/ Shine':>9} {'cos(exact)':>12}")
+    print_adjoint_table(times, cos, "JacobianFree", "/ JFB")
     jfb, shine = times["JacobianFree"], times["Shine"]
-    for k, t in times.items():
-        print(
-            f"{k:24} {ms(t, '9.3f', unit=True)} {t / jfb:7.2f} {t / shine:9.2f} "
-            f"{cos[k]:12.4f}"
-        )
     rows = [
         ("Shine / JacobianFree (one VJP of the cell at z*)", f"{shine / jfb:.2f}"),
         ("Shine(refine=5) / Shine", f"{times['Shine(refine=5)'] / shine:.2f}"),
@@ -544,14 +543,7 @@ def mdeq_section(args) -> str:
             f"{cos['Shine(refine=5)']:.3f} / {cos['Implicit(gmres)']:.3f}",
         ),
     ]
-    lines = [
-        f"| {jax.devices()[0].platform} | MDEQ {args.mdeq_channels} x "
-        f"{args.mdeq_batch} | {label} | {value} |"
-        for label, value in rows
-    ]
-    return "\n".join(
-        ["| device | layer | ratio | measured |", "|---|---|---|---|", *lines]
-    )
+    return summary_table(f"MDEQ {args.mdeq_channels} x {args.mdeq_batch}", rows)
 
 
 # ------------------------------------------------------------------ forward ------

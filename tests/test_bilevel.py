@@ -313,21 +313,27 @@ def _highdim_problem(n_samples=1000, n_features=500):
     return inner, outer, n_features
 
 
+def _cold_estimate(problem, lam, method, inner_tol, **kwargs):
+    """One jitted hypergradient of `_highdim_problem()`'s `problem` from w = 0."""
+    inner, outer, dim = problem
+    tx = optax_pes.shine_bilevel(
+        inner,
+        outer,
+        inner_init=jnp.zeros(dim),
+        method=method,
+        inner_tol=inner_tol,
+        inner_max_steps=500,
+        **kwargs,
+    )
+    return jax.jit(tx.update)(jnp.zeros_like(lam), tx.init(lam), lam)[0]
+
+
 def test_refine_converges_to_the_implicit_hypergradient_as_its_steps_grow(x64):
-    inner, outer, dim = _highdim_problem()
+    problem = _highdim_problem()
     lam = jnp.asarray(-3.0)
 
     def estimate(method, **kwargs):
-        tx = optax_pes.shine_bilevel(
-            inner,
-            outer,
-            inner_init=jnp.zeros(dim),
-            method=method,
-            inner_tol=1e-8,
-            inner_max_steps=500,
-            **kwargs,
-        )
-        return jax.jit(tx.update)(jnp.zeros(()), tx.init(lam), lam)[0]
+        return _cold_estimate(problem, lam, method, 1e-8, **kwargs)
 
     # The exact hypergradient at the same (inexact) w*: CG to 1e-12.
     exact = estimate("implicit", implicit_tol=1e-12, implicit_max_steps=2000)
@@ -412,25 +418,15 @@ def test_outer_problem_awareness_needs_its_pairs_at_every_step(x64):
     # old default, every 5 steps) leave a scalar hypergradient far off in this
     # regime: measured 0.0025 (every step, the default) and 0.18 (every 5) here,
     # 0.00095 and 0.88 at 20,000 features.
-    inner, outer, dim = _highdim_problem(800, 1000)
+    problem = _highdim_problem(800, 1000)
     lam = jnp.asarray(-3.0)
 
     def estimate(method, **kwargs):
-        tx = optax_pes.shine_bilevel(
-            inner,
-            outer,
-            inner_init=jnp.zeros(dim),
-            method=method,
-            inner_tol=1e-6,
-            inner_max_steps=500,
-            **kwargs,
-        )
-        out, state = jax.jit(tx.update)(jnp.zeros(()), tx.init(lam), lam)
-        return float(out), state
+        return float(_cold_estimate(problem, lam, method, 1e-6, **kwargs))
 
-    exact, _ = estimate("implicit", implicit_tol=1e-12, implicit_max_steps=2000)
+    exact = estimate("implicit", implicit_tol=1e-12, implicit_max_steps=2000)
     errors = {
-        every: abs(estimate("shine_opa", **kw)[0] - exact) / abs(exact)
+        every: abs(estimate("shine_opa", **kw) - exact) / abs(exact)
         for every, kw in (("default", {}), (5, {"opa_every": 5}))
     }
     assert errors["default"] < 0.02, errors

@@ -87,9 +87,10 @@ Notes:
   pass) and orthogonalises at HIGHEST precision, so it costs far more per VJP.
 - Shine's cosine is close to JFB's: Broyden's inverse is accurate on the secant
   directions the forward explored, not on a random cotangent; refine fixes that.
-- Forward: under vmap a Broyden step streams the (B, memory, d) buffers several
-  times (B^-1 g, B^-1 dg, B^-T dz, the row writes and the batched while loop's
-  select), so its time grows with memory even when a solve fills only 10-25 rows.
+- Forward: under vmap a Broyden step reads the (B, memory, d) buffers' filled
+  rows four times (B^-1 g and B^-T dz, in leading blocks of 1, 2, 4, ... rows;
+  the blocks are copies under vmap) and writes one row, so its time still grows
+  with the rows a solve fills, and with memory once they wrap around.
 """
 
 

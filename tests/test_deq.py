@@ -185,6 +185,30 @@ def test_broyden_memory_is_fixed_size():
     assert int(info.steps) > 3  # the buffers wrapped around
 
 
+@pytest.mark.parametrize("memory", [1, 3, 5, 30])
+def test_broyden_step_reads_every_filled_row(x64, memory):
+    """Broyden's step reads only the leading block of rows written so far. The
+    same step given its iteration count plus a multiple of `memory` writes the same
+    row but reads every row: the two must agree at every step, before and after
+    the buffers wrap around (a block that missed a filled row would differ)."""
+    dim = 8
+    a = 0.9 * jnp.linalg.qr(jax.random.normal(jax.random.key(3), (dim, dim)))[0]
+    x = jax.random.normal(jax.random.key(4), (dim,))
+    layer = lambda z: jnp.tanh(a @ z + x)  # noqa: E731
+    solver = optax_pes.Broyden(max_steps=12, tol=1e-14, memory=memory)
+    state = solver.init(layer, jnp.zeros(dim))
+    first = float(jnp.linalg.norm(state.g))
+    for i in range(12):
+        new = solver.step(layer, state, jnp.asarray(True), jnp.asarray(i))
+        full = solver.step(
+            layer, state, jnp.asarray(True), jnp.asarray(i + 10 * memory)
+        )
+        for got, want in zip(jax.tree.leaves(new), jax.tree.leaves(full), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+        state = new
+    assert float(jnp.linalg.norm(state.g)) < 1e-3 * first  # the rows were used
+
+
 @pytest.mark.parametrize(
     "solver",
     [

@@ -32,12 +32,44 @@ class SolveInfo(NamedTuple):
     converged: jax.Array  # shape=(), bool: residual or relative_residual <= tol
 
 
+def _row_blocks(memory: int) -> tuple[int, ...]:
+    """The leading blocks of a `memory`-row buffer that an apply may read:
+    1, 2, 4, ... rows, then all of them (at most twice the rows in use)."""
+    blocks, size = [], 1
+    while size < memory:
+        blocks.append(size)
+        size *= 2
+    return (*blocks, memory)
+
+
+def _on_filled_rows(u, v, rows, apply):
+    """`apply(u[:r], v[:r])` with `r` the smallest block holding the `rows` filled
+    rows; rows past `rows` must be zero.
+
+    `rows` is reduced over a `jax.vmap` batch (the batch's largest), so the choice
+    of block is a real branch, not a select that runs every block. Under vmap the
+    slice of a (batch, memory, d) buffer is a copy: it pays for Broyden's step,
+    which reads the rows four times, and not for SHINE's backward, which reads
+    them once (measured: 1.4 -> 2.3 ms at d = 256, batch 256, 10 of 30 rows)."""
+    memory = u.shape[0]
+    blocks = _row_blocks(memory)
+    rows = eqxi.unvmap_max(jnp.minimum(rows, memory))
+    index = jnp.searchsorted(jnp.asarray(blocks), rows)
+
+    def branch(r):
+        return lambda u, v: apply(u[:r], v[:r])
+
+    return jax.lax.switch(index, [branch(r) for r in blocks], u, v)
+
+
 class LowRankInverse(eqx.Module):
     r"""Broyden's inverse-Jacobian estimate $B^{-1} = -I + U^\top V$ of $g = f - I$.
 
     `u` and `v` hold one update per row (unused rows are zero); applying it, or its
-    transpose, costs $O(\text{memory} \times d)$. (Reading only the filled rows was
-    measured slower on CPU: the slices are materialised.)
+    transpose, costs $O(\text{memory} \times d)$. (`Broyden`'s own steps read only
+    the rows filled so far; an apply reads every row: under `jax.vmap` a slice of the
+    batched buffers is a copy, which costs SHINE's one-pass backward more than it
+    saves.)
     """
 
     u: Float[Array, "memory d"]
@@ -238,13 +270,18 @@ class Broyden(AbstractSolver):
         return _BroydenState(z0, g, -g, zeros, zeros)
 
     def step(self, fn, state, active, iteration):
-        inv = self.inverse(state)
         dz = -state.inv_g
         z = state.z + dz
         g = fn(z) - z
-        inv_g = inv.mv(g)
+        # B^-1 g and B^-T dz from one read of the filled rows (before this step's
+        # row: step i has written rows 0..i-1, or all of them once i >= memory).
+        inv_g, v = _on_filled_rows(
+            state.u,
+            state.v,
+            jnp.minimum(iteration, self.memory),
+            lambda u, v: (-g + u.T @ (v @ g), -dz + v.T @ (u @ dz)),
+        )
         inv_dg = inv_g - state.inv_g
-        v = inv.rmv(dz)
         denom = jnp.dot(dz, inv_dg)
         tiny = jnp.finfo(z.dtype).eps * jnp.linalg.norm(dz) * jnp.linalg.norm(inv_dg)
         ok = jnp.isfinite(denom) & (jnp.abs(denom) > tiny) & jnp.all(jnp.isfinite(g))

@@ -297,12 +297,14 @@ class HighDimLogisticRegression:
 
     `make_classification(n_samples, n_features, n_informative=50, flip_y=0.05,
     random_state=0)`, first half for training, second half held out, float64. The
-    data travel as the `data=(x_train, y_train, x_val, y_val)` keyword argument
-    (`shine_bilevel(..., loss_kwargs=("data",))`), not as closed-over constants: XLA
-    would constant-fold products with a 2000 x 20000 matrix at every compile.
+    data travel as the `data=(x_train, y_train, x_val, y_val, x_train**2)` keyword
+    argument (`shine_bilevel(..., loss_kwargs=("data",))`), not as closed-over
+    constants: XLA would constant-fold products with a 2000 x 20000 matrix at every
+    compile. (The squares are for `hessian_diag`: squaring the matrix at every call
+    costs more than the two-loop recursion.)
     """
 
-    data: tuple[jax.Array, jax.Array, jax.Array, jax.Array]
+    data: tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]
 
     @property
     def dim(self) -> int:
@@ -320,6 +322,14 @@ class HighDimLogisticRegression:
         x, y = data[2], data[3]
         z = x @ w
         return jnp.mean(jnp.logaddexp(0.0, z) - y * z)
+
+    @staticmethod
+    def hessian_diag(w, lam, *, data):
+        """The exact diagonal of the inner Hessian (`shine_bilevel`'s
+        `hessian_diag`): (x**2)^T p (1 - p) / n + exp(lam)."""
+        x, x_squared = data[0], data[4]
+        p = jax.nn.sigmoid(x @ w)
+        return (p * (1 - p)) @ x_squared / x.shape[0] + jnp.exp(lam)
 
     def reference(self, lam, w0=None, inner_tol=1e-10, cg_tol=1e-12):
         """(exact hypergradient, tight w*): L-BFGS to `inner_tol` from `w0` (zeros),
@@ -367,5 +377,5 @@ def highdim_logistic_regression(
     )
     n = n_samples // 2
     y = y.astype(np.float64)
-    data = tuple(jnp.asarray(a) for a in (x[:n], y[:n], x[n:], y[n:]))
+    data = tuple(jnp.asarray(a) for a in (x[:n], y[:n], x[n:], y[n:], x[:n] ** 2))
     return HighDimLogisticRegression(data)

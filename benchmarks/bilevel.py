@@ -334,7 +334,23 @@ Notes (high-dim):
 """
 
 
-def highdim_transform(method, problem, inner_tol, **kwargs):
+# The high-dim sections' rows: label -> (method, whether hessian_diag is given).
+HIGHDIM_VARIANTS = {
+    "jacobian_free": ("jacobian_free", False),
+    "shine": ("shine", False),
+    "shine + diag": ("shine", True),
+    "shine_opa": ("shine_opa", False),
+    "shine_refine": ("shine_refine", False),
+    "shine_refine + diag": ("shine_refine", True),
+    "implicit": ("implicit", False),
+}
+
+
+def highdim_transform(label, problem, inner_tol, **kwargs):
+    """The transform of a `HIGHDIM_VARIANTS` row (or a plain method name)."""
+    method, diag = HIGHDIM_VARIANTS.get(label, (label, False))
+    if diag:
+        kwargs["hessian_diag"] = problem.hessian_diag
     return optax_pes.shine_bilevel(
         problem.inner_loss,
         problem.outer_loss,
@@ -375,7 +391,7 @@ def highdim_hypergradient(args, problem, name, lam, tol):
     warm = problem.reference(lam + 0.1, w_tight, cg_tol=1e-2)[1]
     zeros = jnp.zeros_like(lam)
     fns, est = {}, {}
-    for method in TIMED_METHODS:
+    for method in HIGHDIM_VARIANTS:
         tx = highdim_transform(method, problem, tol)
         state = tx.init(lam)._replace(inner_params=warm)
         update = jax.jit(lambda u, s, lam, data, tx=tx: tx.update(u, s, lam, data=data))
@@ -398,7 +414,7 @@ def highdim_hypergradient(args, problem, name, lam, tol):
         f"{rel_error(same, exact):.1e}"
     )
     print(
-        f"{'':16} {'time':>9} {'/ implicit':>10} {'backward share':>14} "
+        f"{'':20} {'time':>9} {'/ implicit':>10} {'backward share':>14} "
         f"{'rel. err vs true':>16} {'vs same w*':>10} {'cosine':>9}"
     )
     rows = {}
@@ -413,7 +429,7 @@ def highdim_hypergradient(args, problem, name, lam, tol):
             cos=cosine(e, exact),
         )
         print(
-            f"{method:16} {ms(t, '6.0f', unit=True)} {row['ratio']:10.2f} "
+            f"{method:20} {ms(t, '6.0f', unit=True)} {row['ratio']:10.2f} "
             f"{row['share']:14.0%} {row['rel']:16.2e} {row['rel_same']:10.2e} "
             f"{row['cos']:9.5f}"
         )
@@ -429,17 +445,27 @@ def _problems_reference_at(problem, lam, w):
 def highdim_refine(args, problem, name, lam, tol, warm, exact, same):
     """shine_refine's error against the exact hypergradient as refine_steps grows."""
     print(f"\n== 3b. shine_refine vs refine_steps, {name} lambda, inner tol {tol:g}")
-    print(f"{'refine_steps':>12} {'vs true':>10} {'vs same w*':>10} {'cosine':>9}")
+    print(
+        f"{'refine_steps':>12} {'vs true':>10} {'vs same w*':>10} {'cosine':>9}"
+        f" | + diag: {'vs true':>10} {'vs same w*':>10} {'cosine':>9}"
+    )
     zeros = jnp.zeros_like(lam)
     rows = {}
     for k in args.refine_steps:
-        tx = highdim_transform("shine_refine", problem, tol, refine_steps=k)
-        state = tx.init(lam)._replace(inner_params=warm)
-        e = jax.jit(lambda u, s, lam, data, tx=tx: tx.update(u, s, lam, data=data))(
-            zeros, state, lam, problem.data
-        )[0]
-        rows[k] = (rel_error(e, exact), rel_error(e, same), cosine(e, exact))
-        print(f"{k:12d} {rows[k][0]:10.2e} {rows[k][1]:10.2e} {rows[k][2]:9.5f}")
+        rows[k] = []
+        for label in ("shine_refine", "shine_refine + diag"):
+            tx = highdim_transform(label, problem, tol, refine_steps=k)
+            state = tx.init(lam)._replace(inner_params=warm)
+            update = jax.jit(
+                lambda u, s, lam, data, tx=tx: tx.update(u, s, lam, data=data)
+            )
+            e = update(zeros, state, lam, problem.data)[0]
+            rows[k] += [rel_error(e, exact), rel_error(e, same), cosine(e, exact)]
+        r = rows[k]
+        print(
+            f"{k:12d} {r[0]:10.2e} {r[1]:10.2e} {r[2]:9.5f}"
+            f" |         {r[3]:10.2e} {r[4]:10.2e} {r[5]:9.5f}"
+        )
     return rows
 
 
@@ -483,7 +509,7 @@ def highdim_tuning(args, problem, name, lam0, lr):
     """
     schedule = optax.exponential_decay(1e-3, 1, 0.9, end_value=1e-8)
     steppers = {}
-    for method in ("jacobian_free", "shine", "shine_opa", "shine_refine", "implicit"):
+    for method in HIGHDIM_VARIANTS:
         tx = optax.chain(highdim_transform(method, problem, schedule), optax.adam(lr))
 
         @jax.jit
@@ -533,7 +559,7 @@ def highdim_tuning(args, problem, name, lam0, lr):
         f"the runs ({eval_s:.0f} s, untimed); target {target:.5f} = {what}"
     )
     print(
-        f"{'':16} {'total time':>10} {'per step':>9} {'final held-out':>14} "
+        f"{'':20} {'total time':>10} {'per step':>9} {'final held-out':>14} "
         f"{'best':>8} {'time to target':>14} {'/ HOAG':>7}"
     )
     hit = {
@@ -550,7 +576,7 @@ def highdim_tuning(args, problem, name, lam0, lr):
         hit_s = "not reached" if h is None else f"{h:.1f} s"
         ratio_s = "-" if ratio is None else f"{ratio:.2f}"
         print(
-            f"{label:16} {clock[label]:8.1f} s "
+            f"{label:20} {clock[label]:8.1f} s "
             f"{clock[label] / args.highdim_steps * 1e3:6.0f} ms "
             f"{finals[label]:14.5f} {best:8.5f} {hit_s:>14} {ratio_s:>7}"
         )

@@ -13,11 +13,13 @@ Every method runs the same outer loop: `optax_pes.shine_bilevel` (L-BFGS inner s
 warm-started, to HOAG's decreasing tolerance 1e-3 * 0.9^k) chained with
 `optax.adam(0.05)` on `lam`, from lam = -3. Only the hypergradient differs:
 
-- `shine`: the inverse Hessian of the inner L-BFGS memory (no Hessian-vector product);
+- `shine`: the inverse Hessian of the inner L-BFGS memory (no Hessian-vector product),
+  started from gamma I as in optax;
+- `shine + diag`: the same, started from the inverse of the inner Hessian's exact
+  diagonal (`hessian_diag=`, cheap for a logistic regression);
 - `shine_opa`: SHINE with outer-problem awareness (extra secant pairs along the outer
   gradient during the inner solve);
-- `shine_refine`: SHINE refined by 20 preconditioned conjugate-gradient steps (5 are
-  too few at this size: see docs/bilevel.md);
+- `shine_refine + diag`: SHINE refined by 5 preconditioned conjugate-gradient steps;
 - `implicit (HOAG)`: conjugate gradient to 1e-10, the exact implicit hypergradient,
   with the decreasing inner tolerance: HOAG (Pedregosa 2016);
 - `jacobian_free`: the inverse Hessian replaced by the identity.
@@ -32,17 +34,15 @@ method is judged by the hyperparameters it found. The target is HOAG's final hel
 loss (no grid search in 20,000 dimensions). Prints a table and saves a figure (default
 `outputs/hyperparameter_highdim.png`).
 
-What to expect (full run, 2 quiet CPU cores, 20 outer steps): a HOAG step costs 1.35 s,
-2.2x a `shine_refine` step (0.60 s), 2.6x a `shine_opa` step (0.52 s, a pair every
-inner step) and 5-6x a `shine` or `jacobian_free` step (0.23-0.25 s), since its
-conjugate gradient is most of an update at this size. `shine_refine` follows HOAG's
-curve step for step (final held-out loss 0.0829 and 0.0830, from 0.474) and reaches
-HOAG's final loss in 0.45x its time; `shine_opa` ends at 0.093, level with
-`jacobian_free` (0.093) in twice its time, and `shine` at 0.130. Table in
-docs/examples.md.
+What to expect (full run, 2 CPU cores, 40 outer steps; docs/examples.md has the
+table): `shine_refine + diag` follows HOAG's curve step for step (final held-out loss
+0.0249 and 0.0250, from 0.474) and reaches HOAG's final loss in 0.25x its time;
+`shine + diag` costs 1.09x a `jacobian_free` step and, at `jacobian_free`'s total
+time, is lower (0.0390 against 0.0407); plain `shine` ends at 0.047, behind
+`jacobian_free`; `shine_opa` is near-exact per step but 2.8x as costly.
 
-    python examples/hyperparameter_highdim.py            # 20,000 features, ~3 minutes
-    python examples/hyperparameter_highdim.py --quick    # 2,000 features, < 1 minute
+    python examples/hyperparameter_highdim.py            # 20,000 features, ~8 minutes
+    python examples/hyperparameter_highdim.py --quick    # 2,000 features, ~30 s
 """
 
 import argparse
@@ -61,8 +61,16 @@ from tqdm import tqdm  # noqa: E402
 
 import optax_pes  # noqa: E402
 
-METHODS = ("shine", "shine_opa", "shine_refine", "implicit", "jacobian_free")
 HOAG = "implicit (HOAG)"
+# label -> (method, whether shine_bilevel is given the Hessian's diagonal)
+RUNS = {
+    "shine": ("shine", False),
+    "shine + diag": ("shine", True),
+    "shine_opa": ("shine_opa", False),
+    "shine_refine + diag": ("shine_refine", True),
+    HOAG: ("implicit", False),
+    "jacobian_free": ("jacobian_free", False),
+}
 
 
 # ------------------------------------------------------------------- problem ----
@@ -78,7 +86,9 @@ def make_data(n_samples, n_features):
     )
     n = n_samples // 2
     y = y.astype(np.float64)
-    return tuple(jnp.asarray(a) for a in (x[:n], y[:n], x[n:], y[n:]))
+    # x_train**2 once, for hessian_diag (squaring it at every call costs more than
+    # SHINE's two-loop recursion).
+    return tuple(jnp.asarray(a) for a in (x[:n], y[:n], x[n:], y[n:], x[:n] ** 2))
 
 
 def log_loss(w, x, y):
@@ -92,6 +102,13 @@ def inner_loss(w, lam, *, data):
 
 def outer_loss(w, lam, *, data):
     return log_loss(w, data[2], data[3])
+
+
+def hessian_diag(w, lam, *, data):
+    """The inner Hessian's exact diagonal, x**2^T p(1 - p) / n + exp(lam): SHINE's
+    L-BFGS inverse starts from its inverse instead of gamma I."""
+    p = jax.nn.sigmoid(data[0] @ w)
+    return (p * (1 - p)) @ data[4] / data[0].shape[0] + jnp.exp(lam)
 
 
 def tight_solver(dim, tol):
@@ -119,11 +136,12 @@ def tight_solver(dim, tol):
 # ---------------------------------------------------------------------- runs ----
 
 
-def make_optimizer(method, dim, args):
+def make_optimizer(label, dim, args):
     # HOAG's decreasing tolerance: tol_k = tol0 * decay^k, down to tol_end.
     schedule = optax.exponential_decay(
         args.tol0, transition_steps=1, decay_rate=args.tol_decay, end_value=args.tol_end
     )
+    method, diag = RUNS[label]
     return optax.chain(
         optax_pes.shine_bilevel(
             inner_loss,
@@ -136,16 +154,17 @@ def make_optimizer(method, dim, args):
             implicit_tol=1e-10,
             implicit_max_steps=1000,
             loss_kwargs=("data",),
+            hessian_diag=hessian_diag if diag else None,
         ),
         optax.adam(args.lr),
     )
 
 
-def run(method, lam0, data, args):
-    """`args.steps` outer steps of `method` from `lam0`; the step compiled ahead of
-    time (its compile time returned apart), each call timed to
+def run(label, lam0, data, args):
+    """`args.steps` outer steps of the `RUNS[label]` method from `lam0`; the step
+    compiled ahead of time (its compile time returned apart), each call timed to
     `block_until_ready`."""
-    tx = make_optimizer(method, lam0.shape[0], args)
+    tx = make_optimizer(label, lam0.shape[0], args)
 
     def step(lam, state, data):
         updates, state = tx.update(jnp.zeros_like(lam), state, lam, data=data)
@@ -157,7 +176,7 @@ def run(method, lam0, data, args):
     compile_s = time.perf_counter() - start
 
     lam, times, lams, warm, inner_steps = lam0, [], [lam0], [None], []
-    for _ in tqdm(range(args.steps), desc=f"{method:<14}", leave=False):
+    for _ in tqdm(range(args.steps), desc=f"{label:<19}", leave=False):
         start = time.perf_counter()
         lam, state = jax.block_until_ready(compiled(lam, state, data))
         times.append(time.perf_counter() - start)
@@ -188,6 +207,11 @@ def held_out_losses(r, solve, data, dim):
     return np.asarray(losses), converged
 
 
+def loss_at(r, budget):
+    """F at the last iterate a run had reached within `budget` seconds."""
+    return r["losses"][np.searchsorted(r["cumulative"], budget, side="right") - 1]
+
+
 def first_time_below(losses, cumulative, level):
     """Wall-clock time at which `losses` (index 0: before the first step) first
     drops to `level`, or None."""
@@ -201,28 +225,28 @@ def first_time_below(losses, cumulative, level):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--quick", action="store_true", help="2,000 features, 1,000 samples, 10 steps"
+        "--quick", action="store_true", help="2,000 features, 1,000 samples, 30 steps"
     )
     parser.add_argument(
         "--out", default="outputs/hyperparameter_highdim.png", help="figure path"
     )
     parser.add_argument("--features", type=int, default=None, help="20000 (2000)")
     parser.add_argument("--samples", type=int, default=None, help="4000 (1000)")
-    parser.add_argument("--steps", type=int, default=None, help="default 20 (10)")
+    parser.add_argument("--steps", type=int, default=None, help="default 40 (30)")
     parser.add_argument("--lr", type=float, default=0.05, help="Adam's learning rate")
     parser.add_argument("--lam0", type=float, default=-3.0, help="initial lam")
     parser.add_argument("--tol0", type=float, default=1e-3, help="first inner tol")
     parser.add_argument("--tol-decay", type=float, default=0.9, help="per outer step")
     parser.add_argument("--tol-end", type=float, default=1e-8, help="last inner tol")
     parser.add_argument("--inner-max-steps", type=int, default=1000)
-    parser.add_argument("--refine-steps", type=int, default=20, help="shine_refine")
+    parser.add_argument("--refine-steps", type=int, default=5, help="shine_refine")
     parser.add_argument(
         "--eval-tol", type=float, default=1e-6, help="inner tol of the held-out loss"
     )
     args = parser.parse_args()
     args.features = args.features or (2000 if args.quick else 20000)
     args.samples = args.samples or (1000 if args.quick else 4000)
-    args.steps = args.steps or (10 if args.quick else 20)
+    args.steps = args.steps or (30 if args.quick else 40)
     start_all = time.perf_counter()
 
     start = time.perf_counter()
@@ -240,32 +264,33 @@ def main():
     lam0 = jnp.full(dim, args.lam0)
     solve = tight_solver(dim, args.eval_tol)
     results = {}
-    for method in METHODS:
-        r = run(method, lam0, data, args)
+    for label in RUNS:
+        r = run(label, lam0, data, args)
         start = time.perf_counter()
         r["losses"], r["eval_converged"] = held_out_losses(r, solve, data, dim)
         r["eval_s"] = time.perf_counter() - start
-        results[HOAG if method == "implicit" else method] = r
+        results[label] = r
 
     target = float(results[HOAG]["losses"][-1])
     reach = {
         k: first_time_below(r["losses"], r["cumulative"], target)
         for k, r in results.items()
     }
+    budget = results["jacobian_free"]["cumulative"][-1]
     print(
-        f"\n{'method':<16} {'total s':>8} {'ms/step':>8} {'inner':>6} "
-        f"{'held-out':>9} {'best':>9} {'to target (s)':>13} {'/ HOAG':>7} "
-        f"{'compile s':>9}"
+        f"\n{'method':<19} {'total s':>8} {'ms/step':>8} {'inner':>6} "
+        f"{'held-out':>9} {'best':>9} {'at JF time':>10} {'to target (s)':>13} "
+        f"{'/ HOAG':>7} {'compile s':>9}"
     )
     for label, r in results.items():
         h, ref = reach[label], reach[HOAG]
         reach_s = "not reached" if h is None else f"{h:.2f}"
         ratio_s = "-" if h is None or not ref else f"{h / ref:.2f}"
         print(
-            f"{label:<16} {r['cumulative'][-1]:>8.2f} {1e3 * r['times'].mean():>8.0f} "
+            f"{label:<19} {r['cumulative'][-1]:>8.2f} {1e3 * r['times'].mean():>8.0f} "
             f"{r['inner_steps'].mean():>6.1f} {r['losses'][-1]:>9.5f} "
-            f"{r['losses'].min():>9.5f} {reach_s:>13} {ratio_s:>7} "
-            f"{r['compile']:>9.2f}"
+            f"{r['losses'].min():>9.5f} {loss_at(r, budget):>10.5f} {reach_s:>13} "
+            f"{ratio_s:>7} {r['compile']:>9.2f}"
         )
     eval_s = sum(r["eval_s"] for r in results.values())
     ok = all(r["eval_converged"] for r in results.values())
@@ -275,7 +300,9 @@ def main():
         f"converged; {eval_s:.0f} s, untimed);\nstart: {results[HOAG]['losses'][0]:.5f}"
         f"; total s, ms/step: the outer steps' wall-clock time, compilation excluded "
         f"(compile s); inner: mean L-BFGS steps per solve;\nto target: wall-clock "
-        f"time at which F first drops to HOAG's final held-out loss {target:.5f}."
+        f"time at which F first drops to HOAG's final held-out loss {target:.5f};\n"
+        f"at JF time: F at the last iterate reached within jacobian_free's total "
+        f"time ({budget:.2f} s)."
     )
 
     import matplotlib

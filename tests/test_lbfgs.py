@@ -138,11 +138,14 @@ def test_a_pair_without_curvature_is_skipped():
         np.testing.assert_array_equal(a, b)
 
 
-def _dense_bfgs_inverse(pairs):
+def _dense_bfgs_inverse(pairs, initial=None):
     """The inverse of the BFGS matrix built from `pairs` (oldest first), started from
-    `I / gamma` with gamma = s.y / y.y of the newest pair."""
+    `I / gamma` with gamma = s.y / y.y of the newest pair, or from the inverse of
+    the diagonal `initial` (that of H0)."""
     s_new, y_new = pairs[-1]
     b = np.eye(len(s_new)) * (y_new @ y_new) / (s_new @ y_new)
+    if initial is not None:
+        b = np.diag(1 / initial)
     for s, y in pairs:
         bs = b @ s
         b = b - np.outer(bs, bs) / (s @ bs) + np.outer(y, y) / (y @ s)
@@ -171,6 +174,38 @@ def test_two_loop_recursion_is_the_dense_bfgs_inverse(num_pairs):
     np.testing.assert_allclose(_as_matrix(inverse), dense, rtol=1e-10, atol=1e-14)
     # Secant equation of the newest pair: H^-1 y = s.
     np.testing.assert_allclose(_mv(inverse, jnp.asarray(pairs[-1][1])), pairs[-1][0])
+
+
+def test_an_initial_diagonal_replaces_gamma():
+    """`initial` is the diagonal of H0 in the recursion; started from the exact
+    inverse of a diagonal Hessian, exact pairs keep it exact (gamma I does not);
+    entries that are not finite and positive take gamma."""
+    memory, dim = 4, 6
+    rng = np.random.RandomState(0)
+    curvatures = np.logspace(-2.0, 2.0, dim)
+    pairs = [(s, curvatures * s) for s in rng.randn(3, dim)]
+    lbfgs = optax.scale_by_lbfgs(memory_size=memory).init(jnp.zeros(dim))
+    for s, y in pairs:
+        lbfgs = _add_pair(lbfgs, jnp.asarray(s), jnp.asarray(y))
+    exact = np.diag(1 / curvatures)
+    with_initial = _from_state(lbfgs, jnp.asarray(1 / curvatures))
+    np.testing.assert_allclose(_as_matrix(with_initial), exact, rtol=1e-10, atol=1e-14)
+    general = 1 / (curvatures + rng.rand(dim))
+    np.testing.assert_allclose(
+        _as_matrix(_from_state(lbfgs, jnp.asarray(general))),
+        _dense_bfgs_inverse(pairs, general),
+        rtol=1e-10,
+        atol=1e-14,
+    )
+    gamma = _as_matrix(_from_state(lbfgs))
+    assert np.max(np.abs(gamma - exact)) > 1.0  # gamma I is far off here
+    unusable = jnp.asarray([0.0, -1.0, np.nan, np.inf, 1.0, 1.0])
+    d = jnp.asarray(rng.randn(dim))
+    gamma_value = float(pairs[-1][0] @ pairs[-1][1] / (pairs[-1][1] @ pairs[-1][1]))
+    fallback = jnp.where(jnp.arange(dim) < 4, gamma_value, 1.0)
+    np.testing.assert_allclose(
+        _mv(_from_state(lbfgs, unusable), d), _mv(_from_state(lbfgs, fallback), d)
+    )
 
 
 def test_pairs_added_to_a_pytree_state_give_the_dense_inverse():

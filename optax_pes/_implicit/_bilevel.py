@@ -73,6 +73,7 @@ class _Losses(eqx.Module):
 
     inner_grad: Callable[[Array], Array]  # w -> grad_w f(w, h)
     outer_grad: Callable[[Array], Array]  # w -> grad_w g(w, h)
+    hessian_diag: Callable[[Array], Array] | None = None  # w -> ~diag of H, or None
 
     def hvp(self, w: Float[Array, " d"], v: Float[Array, " d"]) -> Float[Array, " d"]:
         r"""$\nabla^2_w f(w, h) v$ (forward over reverse)."""
@@ -85,6 +86,12 @@ class _Losses(eqx.Module):
             w,
             tags=(lx.symmetric_tag, lx.positive_semidefinite_tag),
         )
+
+    def inverse(self, w: Float[Array, " d"], opt_state: Any) -> _lbfgs.LBFGSInverse:
+        r"""The L-BFGS estimate of $H^{-1}$ in `opt_state`'s memory, started from
+        the inverse of `hessian_diag` at `w` if there is one (else $\gamma I$)."""
+        initial = None if self.hessian_diag is None else 1 / self.hessian_diag(w)
+        return _lbfgs.LBFGSInverse.from_state(_lbfgs.find_state(opt_state), initial)
 
 
 class _AbstractHypergradientMethod(eqx.Module):
@@ -127,17 +134,11 @@ class _AbstractAfterSolve(_AbstractHypergradientMethod):
         return opt_state
 
 
-def _shine(opt_state: Any, outer_grad: Float[Array, " d"]) -> Float[Array, " d"]:
-    """The L-BFGS inverse of the inner solve applied to the outer gradient."""
-    return _lbfgs.LBFGSInverse.from_state(_lbfgs.find_state(opt_state)).mv(outer_grad)
-
-
 class _Shine(_AbstractAfterSolve):
     """`"shine"`: the two-loop recursion over the inner solver's own memory."""
 
     def solve(self, w, opt_state, outer_grad, losses):
-        del w, losses
-        return _shine(opt_state, outer_grad)
+        return losses.inverse(w, opt_state).mv(outer_grad)
 
 
 class _ShineOPA(_AbstractHypergradientMethod):
@@ -155,17 +156,15 @@ class _ShineOPA(_AbstractHypergradientMethod):
 
     def before_inner_step(self, step, w, opt_state, losses):
         def add_pair():
-            lbfgs = _lbfgs.find_state(opt_state)
-            d = _lbfgs.LBFGSInverse.from_state(lbfgs).mv(losses.outer_grad(w))
-            lbfgs = _lbfgs.add_pair(lbfgs, d, losses.hvp(w, d))
+            d = losses.inverse(w, opt_state).mv(losses.outer_grad(w))
+            lbfgs = _lbfgs.add_pair(_lbfgs.find_state(opt_state), d, losses.hvp(w, d))
             return _lbfgs.replace_state(opt_state, lbfgs)
 
         due = (step > 0) & (step % self.opa_every == 0)
         return jax.lax.cond(due, add_pair, lambda: opt_state)
 
     def solve(self, w, opt_state, outer_grad, losses):
-        del w, losses
-        return _shine(opt_state, outer_grad)
+        return losses.inverse(w, opt_state).mv(outer_grad)
 
 
 class _ShineRefine(_AbstractAfterSolve):
@@ -176,7 +175,7 @@ class _ShineRefine(_AbstractAfterSolve):
     refine_steps: int = eqx.field(static=True)
 
     def solve(self, w, opt_state, outer_grad, losses):
-        inverse = _lbfgs.LBFGSInverse.from_state(_lbfgs.find_state(opt_state))
+        inverse = losses.inverse(w, opt_state)
         v = inverse.mv(outer_grad)
         if not self.refine_steps:
             return v
@@ -326,6 +325,29 @@ def _check_losses(inner_loss, outer_loss, inner_init, hparams, kwargs) -> None:
             raise ValueError(f"{name} must return a float scalar, got {describe(out)}")
 
 
+def _check_hessian_diag(hessian_diag, inner_init, hparams, kwargs) -> None:
+    """`hessian_diag(inner_init, hparams, **kwargs)` is a float pytree like w."""
+    try:
+        out = jax.eval_shape(
+            lambda w, h: hessian_diag(w, h, **kwargs), inner_init, hparams
+        )
+    except Exception as e:  # noqa: BLE001 - re-raised with context
+        raise ValueError(
+            f"hessian_diag(inner_init, params) failed ({e}); it must take the "
+            "arguments of inner_loss"
+        ) from e
+    expected = jax.eval_shape(lambda w: w, inner_init)
+    same = jax.tree.structure(out) == jax.tree.structure(expected) and all(
+        getattr(a, "shape", None) == b.shape and jnp.issubdtype(a.dtype, jnp.floating)
+        for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(expected), strict=True)
+    )
+    if not same:
+        raise ValueError(
+            "hessian_diag must return a float pytree with inner_init's structure and "
+            f"shapes, {describe(inner_init)}; got {describe(out)}"
+        )
+
+
 def _check_tol(value: Any, name: str, *, low_inclusive: bool = False) -> Any:
     """A positive float (>= 0 with `low_inclusive`); a traced scalar
     (`inject_hyperparams` under `jit`) as is."""
@@ -380,6 +402,7 @@ def shine_bilevel(
     implicit_tol: float = 1e-10,
     implicit_max_steps: int = 200,
     loss_kwargs: Sequence[str] = (),
+    hessian_diag: Callable[..., PyTree] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Hypergradients of a bi-level problem, reusing the inner L-BFGS memory (SHINE).
 
@@ -434,6 +457,15 @@ def shine_bilevel(
     - `loss_kwargs`: names of `update`'s keyword arguments to pass to both losses,
       e.g. `("x", "y")` for `tx.update(updates, state, h, x=xb, y=yb)`; an update
       without one of them raises a `ValueError`.
+    - `hessian_diag`: optional `hessian_diag(w, h, **loss_kwargs) -> pytree like w`,
+      an estimate of the diagonal of $H$ (positive; the exact diagonal for a
+      generalised linear model, or only the regulariser's). The L-BFGS inverse of
+      the SHINE methods then starts from its inverse instead of $\gamma I$: the
+      memory's few pairs cover the high-curvature directions, and $\gamma$, a
+      high-curvature scale, misweighs the rest (on the 20,000-feature problem of
+      the docs' bi-level page, plain SHINE's direction fell behind Jacobian-free's).
+      Entries that are not finite and positive take $\gamma$. `None`: $\gamma I$,
+      as `optax.lbfgs`.
 
     A hypergradient that is not finite is never added: the update then adds nothing,
     keeps a finite warm start and records a non-finite `state.hypergrad_norm`.
@@ -520,9 +552,19 @@ def shine_bilevel(
         def g(wf, h):
             return outer_loss(unravel(wf), h, **kwargs)
 
+        if hessian_diag is None:
+            diag = None
+        else:
+            _check_hessian_diag(hessian_diag, inner_init, params, kwargs)
+
+            def diag(wf):
+                out = hessian_diag(unravel(wf), params, **kwargs)
+                return ravel_pytree(out)[0].astype(wf.dtype)
+
         losses = _Losses(
             inner_grad=jax.grad(lambda wf: f(wf, params)),
             outer_grad=jax.grad(lambda wf: g(wf, params)),
+            hessian_diag=diag,
         )
         w, opt_state, grad, steps = _inner_solve(
             optimizer,

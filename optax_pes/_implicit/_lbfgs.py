@@ -68,8 +68,9 @@ class LBFGSInverse(eqx.Module):
 
     `s` and `y` hold one pair per row (flattened), `rho` $= 1 / s^\top y$ (0 for an
     empty slot) and `latest` the row of the most recent pair, whose
-    $\gamma = s^\top y / y^\top y$ scales the initial estimate $\gamma I$.
-    Applying it costs $O(m d)$ and evaluates nothing.
+    $\gamma = s^\top y / y^\top y$ scales the initial estimate $\gamma I$, unless
+    `initial` gives that estimate's diagonal $H_0$ (entries that are not finite and
+    positive take $\gamma$). Applying it costs $O(m d)$ and evaluates nothing.
 
     **Example:**
 
@@ -100,16 +101,21 @@ class LBFGSInverse(eqx.Module):
     y: Float[Array, "m d"]
     rho: Float[Array, " m"]
     latest: Int[Array, ""]
+    initial: Float[Array, " d"] | None = None
 
     @classmethod
-    def from_state(cls, lbfgs: State) -> "LBFGSInverse":
-        """The estimate held by an `optax.ScaleByLBFGSState`."""
+    def from_state(
+        cls, lbfgs: State, initial: Float[Array, " d"] | None = None
+    ) -> "LBFGSInverse":
+        r"""The estimate held by an `optax.ScaleByLBFGSState` (with the initial
+        diagonal `initial`, or $\gamma I$)."""
         s = _rows(lbfgs.diff_params_memory)
         return cls(
             s=s,
             y=_rows(lbfgs.diff_updates_memory),
             rho=lbfgs.weights_memory.astype(s.dtype),
             latest=latest_slot(lbfgs),
+            initial=initial,
         )
 
     def mv(self, d: Float[Array, " d"]) -> Float[Array, " d"]:
@@ -125,6 +131,9 @@ class LBFGSInverse(eqx.Module):
         q, alphas = jax.lax.scan(first, d, newest_first)
         sy, yy = jnp.dot(s[last], y[last]), jnp.dot(y[last], y[last])
         gamma = jnp.where((sy > 0) & (yy > 0), sy / jnp.where(yy > 0, yy, 1), 1.0)
+        if self.initial is not None:
+            ok = jnp.isfinite(self.initial) & (self.initial > 0)
+            gamma = jnp.where(ok, self.initial, gamma)
 
         def second(r, i_alpha):
             i, alpha = i_alpha

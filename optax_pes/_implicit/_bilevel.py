@@ -90,7 +90,11 @@ class _Losses(eqx.Module):
     def inverse(self, w: Float[Array, " d"], opt_state: Any) -> _lbfgs.LBFGSInverse:
         r"""The L-BFGS estimate of $H^{-1}$ in `opt_state`'s memory, started from
         the inverse of `hessian_diag` at `w` if there is one (else $\gamma I$)."""
-        initial = None if self.hessian_diag is None else 1 / self.hessian_diag(w)
+        initial = None
+        if self.hessian_diag is not None:
+            diag = self.hessian_diag(w)
+            usable = jnp.isfinite(diag) & (diag > 0)  # the others: gamma (NaN start)
+            initial = jnp.where(usable, 1 / jnp.where(usable, diag, 1), jnp.nan)
         return _lbfgs.LBFGSInverse.from_state(_lbfgs.find_state(opt_state), initial)
 
 
@@ -465,7 +469,9 @@ def shine_bilevel(
       high-curvature scale, misweighs the rest (on the 20,000-feature problem of
       the docs' bi-level page, plain SHINE's direction fell behind Jacobian-free's).
       Entries that are not finite and positive take $\gamma$. `None`: $\gamma I$,
-      as `optax.lbfgs`.
+      as `optax.lbfgs`. `"implicit"` and `"jacobian_free"` ignore it. Under
+      `optax.inject_hyperparams` it goes in `static_args` (a callable there is
+      taken for a schedule).
 
     A hypergradient that is not finite is never added: the update then adds nothing,
     keeps a finite warm start and records a non-finite `state.hypergrad_norm`.
@@ -502,6 +508,10 @@ def shine_bilevel(
     form = "(w, hparams, **loss_kwargs) -> scalar"
     check_callable(inner_loss, "inner_loss", form)
     check_callable(outer_loss, "outer_loss", form)
+    if hessian_diag is not None:
+        check_callable(
+            hessian_diag, "hessian_diag", "(w, hparams, **loss_kwargs) -> pytree like w"
+        )
     check_float_tree(inner_init, "inner_init")
     if not callable(inner_tol):
         inner_tol = _check_tol(inner_tol, "inner_tol")

@@ -570,3 +570,25 @@ def test_hessian_diag_must_be_callable():
         optax_pes.shine_bilevel(
             inner_loss, outer_loss, inner_init=jnp.zeros(30), hessian_diag=jnp.ones(30)
         )
+
+
+def test_hessian_diag_in_another_dtype_keeps_the_weights_dtype(x64):
+    # A float64 diagonal for float32 weights (x64 on): the estimate stays float32.
+    a = jnp.linspace(1.0, 4.0, 5, dtype=jnp.float32)
+
+    def inner(w, h):
+        return 0.5 * jnp.sum((a + jnp.exp(h)) * w**2) - jnp.sum(w)
+
+    def outer(w, h):
+        return 0.5 * jnp.sum((w - 1.0) ** 2)
+
+    h = jnp.zeros(5, jnp.float32)
+    tx = optax_pes.shine_bilevel(
+        inner,
+        outer,
+        inner_init=jnp.zeros(5, jnp.float32),
+        hessian_diag=lambda w, h: (a + jnp.exp(h)).astype(jnp.float64),
+    )
+    out, state = jax.jit(tx.update)(jnp.zeros_like(h), tx.init(h), h)
+    assert out.dtype == jnp.float32 and state.inner_params.dtype == jnp.float32
+    assert bool(jnp.all(jnp.isfinite(out)))

@@ -318,9 +318,12 @@ def conv_section(args, gain: float) -> str:
     cotangent = jax.random.normal(k_ct, (batch, *shape))
     print(
         f"\n######## conv layer tanh({gain} * layernorm(conv3x3(z)) + x), "
-        f"z {shape} NHWC, batch {batch}, Broyden memory 30, tol {args.tol}"
+        f"z {shape} NHWC, batch {batch}, Broyden memory {args.conv_memory}, "
+        f"tol {args.tol}"
     )
-    solver = optax_pes.Broyden(max_steps=args.max_steps, tol=args.tol, memory=30)
+    solver = optax_pes.Broyden(
+        max_steps=args.max_steps, tol=args.tol, memory=args.conv_memory
+    )
     adjoints = adjoint_suite(args.tol)
     vjps: dict[str, Any] = {}
     fwd_fns: dict[str, Callable[[], Any]] = {}
@@ -693,6 +696,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-forward", action="store_true")
     parser.add_argument("--skip-conv", action="store_true", help="no conv layer")
+    parser.add_argument("--skip-dense", action="store_true", help="no dense layers")
     parser.add_argument("--conv-channels", type=int, default=None)
     parser.add_argument("--conv-batch", type=int, default=None)
     parser.add_argument(
@@ -703,6 +707,9 @@ def main() -> None:
         help="conv layers' gains, one layer each (default 0.6 1.0; --quick: 0.6)",
     )
     parser.add_argument("--conv-exact-steps", type=int, default=32)
+    parser.add_argument(
+        "--conv-memory", type=int, default=30, help="conv layers' Broyden memory"
+    )
     parser.add_argument("--skip-mdeq", action="store_true", help="no multiscale DEQ")
     parser.add_argument("--mdeq-batch", type=int, default=64)
     parser.add_argument("--mdeq-tol", type=float, default=1e-3)
@@ -726,7 +733,7 @@ def main() -> None:
         "float32"
     )
     start = time.perf_counter()
-    tables = [run_layer(args, rho) for rho in args.rho]
+    tables = [] if args.skip_dense else [run_layer(args, rho) for rho in args.rho]
     if not args.skip_conv:
         tables.extend(conv_section(args, gain) for gain in args.conv_gain)
     if not args.skip_mdeq:

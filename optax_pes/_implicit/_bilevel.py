@@ -89,12 +89,10 @@ class _Losses(eqx.Module):
 
     def inverse(self, w: Float[Array, " d"], opt_state: Any) -> _lbfgs.LBFGSInverse:
         r"""The L-BFGS estimate of $H^{-1}$ in `opt_state`'s memory, started from
-        the inverse of `hessian_diag` at `w` if there is one (else $\gamma I$)."""
-        initial = None
-        if self.hessian_diag is not None:
-            diag = self.hessian_diag(w)
-            usable = jnp.isfinite(diag) & (diag > 0)  # the others: gamma (NaN start)
-            initial = jnp.where(usable, 1 / jnp.where(usable, diag, 1), jnp.nan)
+        the inverse of `hessian_diag` at `w` if there is one (else $\gamma I$).
+        (`LBFGSInverse` takes $\gamma$ where that inverse is not finite and
+        positive: where the diagonal is 0, negative, NaN or inf.)"""
+        initial = None if self.hessian_diag is None else 1 / self.hessian_diag(w)
         return _lbfgs.LBFGSInverse.from_state(_lbfgs.find_state(opt_state), initial)
 
 

@@ -233,6 +233,33 @@ def test_done_latching_inside_pes_windows():
     assert episode_losses == [0.0, -2.0, -2.0, -2.0, -2.0]
 
 
+class Blowup(Countdown):
+    """Countdown whose step, once past `done_at`, has an infinite derivative in the
+    action (a simulator that blew up): 0 * inf = NaN in its VJP, even though the
+    latched losses never use those values."""
+
+    def step(self, state, action):
+        new = super().step(state, action)
+        scale = jnp.where(state.t + 1 > self.done_at, jnp.inf, 0.0)
+        return new._replace(reward=new.reward + scale * jnp.sum(action))
+
+
+def test_backprop_through_a_latched_episode_stays_finite():
+    # Gradients through the environment (optax_pes.tbptt, jax.grad of an unroll):
+    # after done, the environment's own VJP must not see a path to theta.
+    system = tasks.control_system(
+        Blowup(3), lambda theta, obs: theta * (obs + 1), horizon=7
+    )
+    grad = jax.grad(lambda th: jnp.sum(optax_pes.unroll(system, th)))(jnp.ones(1))
+    # Return = 3 whatever theta: the gradient is exactly 0, and finite.
+    np.testing.assert_array_equal(grad, np.zeros(1))
+    tx = optax_pes.tbptt(system, truncation_length=4, key=0)
+    theta, state = jnp.ones(1), tx.init(jnp.ones(1))
+    for _ in range(3):
+        estimate, state = jax.jit(tx.update)(jnp.zeros(1), state, theta)
+        assert bool(jnp.all(jnp.isfinite(estimate))), estimate
+
+
 # -- keys ------------------------------------------------------------------------------
 
 

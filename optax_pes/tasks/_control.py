@@ -110,7 +110,8 @@ def control_system(
     counts; every later step of the episode has loss exactly `0`, whatever the
     environment emits after it, and the environment's state is held at the state that
     step returned (an absorbing state: nothing the environment computes afterwards,
-    not even a NaN, reaches the losses or the inner state). After `horizon` steps the
+    not even a NaN, reaches the losses, the inner state or, through the environment's
+    derivatives, `optax_pes.tbptt`'s gradient). After `horizon` steps the
     estimators start a new episode from `env.reset`. An environment that resets
     itself when done (gymnax, Brax's auto-reset wrapper) therefore needs no special
     care; use the bare environment or keep the wrapper, the losses are the same.
@@ -206,8 +207,12 @@ def control_system(
                 f"policy(theta, obs) failed on theta {describe(theta)} and obs "
                 f"{describe(obs)} ({type(e).__name__}: {e})"
             ) from e
+        latched = state.done
         try:
-            new = env.step(state.env_state, action)
+            # Once latched, the step runs on inputs cut off from theta: its outputs
+            # are discarded below, and so must be its derivatives (an environment
+            # that blew up has 0 * inf = NaN in its VJP, which would reach theta).
+            new = env.step(*_cut_if(latched, (state.env_state, action)))
         except Exception as e:  # noqa: BLE001
             raise ValueError(
                 f"env.step(state, action) failed on the action {describe(action)} "
@@ -224,7 +229,6 @@ def control_system(
                 f"{got}"
             ),
         )
-        latched = state.done
         reward = jnp.asarray(new.reward)
         loss = jnp.where(latched, jnp.zeros_like(reward), -reward)
         env_state = jax.tree.map(
@@ -234,6 +238,18 @@ def control_system(
         return ControlState(env_state, done), loss
 
     return UnrolledSystem(init=init, step=step, horizon=horizon)
+
+
+def _cut_if(flag: Bool[Array, ""], tree: PyTree) -> PyTree:
+    """`tree` with its float leaves' derivatives zeroed where `flag` (a select, so
+    a non-finite cotangent does not pass: unlike a multiplication by 0)."""
+
+    def cut(x):
+        if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+            return x
+        return jnp.where(flag, jax.lax.stop_gradient(x), x)
+
+    return jax.tree.map(cut, tree)
 
 
 # -- gymnax ------------------------------------------------------------------------

@@ -181,16 +181,18 @@ def test_broyden_memory_is_fixed_size():
     solver = optax_pes.Broyden(max_steps=40, tol=1e-14, memory=3)
     fn, z0, _ = flat_layer(layer, x, jnp.zeros(8))
     _, info, inverse = solve(solver, fn, z0)
-    assert inverse.u.shape == (3, 8) and inverse.v.shape == (3, 8)
-    assert int(info.steps) > 3  # the buffers wrapped around
+    # memory + 1 steps are held (3 updates); the buffers wrapped around.
+    assert inverse.u.shape == (4, 8) and inverse.v.shape == (4, 8)
+    assert int(info.steps) > 4
 
 
 @pytest.mark.parametrize("memory", [1, 3, 5, 30])
 def test_broyden_step_reads_every_filled_row(x64, memory):
     """Broyden's step reads only the leading block of rows written so far. The
-    same step given its iteration count plus a multiple of `memory` writes the same
-    row but reads every row: the two must agree at every step, before and after
-    the buffers wrap around (a block that missed a filled row would differ)."""
+    same step given its iteration count plus a multiple of the `memory + 1` rows
+    writes the same row but reads every row: the two must agree at every step,
+    before and after the buffers wrap around (a block that missed a filled row
+    would differ)."""
     dim = 8
     a = 0.9 * jnp.linalg.qr(jax.random.normal(jax.random.key(3), (dim, dim)))[0]
     x = jax.random.normal(jax.random.key(4), (dim,))
@@ -201,7 +203,7 @@ def test_broyden_step_reads_every_filled_row(x64, memory):
     for i in range(12):
         new = solver.step(layer, state, jnp.asarray(True), jnp.asarray(i))
         full = solver.step(
-            layer, state, jnp.asarray(True), jnp.asarray(i + 10 * memory)
+            layer, state, jnp.asarray(True), jnp.asarray(i + 10 * (memory + 1))
         )
         for got, want in zip(jax.tree.leaves(new), jax.tree.leaves(full), strict=True):
             np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
@@ -269,7 +271,9 @@ def test_batched_solve_indexes_history_rows_by_the_loop(solver):
         return solve(solver, fn, z0)[0]
 
     eqns = list(_eqns(jax.make_jaxpr(jax.vmap(one))(xs).jaxpr))
-    history = (len(xs), solver.memory, 8)  # a (batch, memory, d) buffer
+    # A (batch, rows, d) buffer: Broyden holds memory + 1 steps.
+    rows = solver.memory + isinstance(solver, optax_pes.Broyden)
+    history = (len(xs), rows, 8)
     indexed = [
         e
         for e in eqns

@@ -74,11 +74,11 @@ def _residual_shapes(adjoint):
 
 @pytest.mark.parametrize("adjoint", ADJOINTS, ids=_name)
 def test_backward_keeps_the_inverse_only_for_shine(adjoint):
-    """The (batch, memory, d) Broyden buffers are residuals of Shine's backward only:
-    Implicit, JacobianFree and Phantom never read them, so they must not keep them
-    alive (on a d=4096, batch 64, memory 30 layer they are 63 MiB)."""
+    """The (batch, memory + 1, d) Broyden buffers are residuals of Shine's backward
+    only: Implicit, JacobianFree and Phantom never read them, so they must not keep
+    them alive (on a d=4096, batch 64, memory 30 layer they are 65 MiB)."""
     shapes = _residual_shapes(adjoint)
-    buffers = [s for s in shapes if s == (BATCH, MEMORY, DIM)]
+    buffers = [s for s in shapes if s == (BATCH, MEMORY + 1, DIM)]
     assert len(buffers) == (2 if isinstance(adjoint, optax_pes.Shine) else 0), shapes
 
 

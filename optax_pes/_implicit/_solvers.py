@@ -42,38 +42,19 @@ def _row_blocks(memory: int) -> tuple[int, ...]:
     return (*blocks, memory)
 
 
-def _on_filled_rows(inverse, rows, apply):
-    """`apply(inverse)` on the smallest leading block of the buffers' rows that
-    holds the `rows` filled ones; rows past `rows` must be zero.
-
-    `rows` is reduced over a `jax.vmap` batch (the batch's largest), so the choice
-    of block is a real branch, not a select that runs every block. Under vmap the
-    slice of a (batch, memory, d) buffer is a copy: it pays for Broyden's step,
-    which reads the rows four times, and not for SHINE's backward, which reads
-    them once (measured: 1.4 -> 2.3 ms at d = 256, batch 256, 10 of 30 rows)."""
-    memory = inverse.u.shape[0]
-    blocks = _row_blocks(memory)
-    rows = eqxi.unvmap_max(jnp.minimum(rows, memory))
-    index = jnp.searchsorted(jnp.asarray(blocks), rows)
-
-    def branch(r):
-        return lambda u, v: apply(LowRankInverse(u[:r], v[:r]))
-
-    return jax.lax.switch(index, [branch(r) for r in blocks], inverse.u, inverse.v)
-
-
 class LowRankInverse(eqx.Module):
     r"""Broyden's inverse-Jacobian estimate $B^{-1} = -I + U^\top V$ of $g = f - I$.
 
-    `u` and `v` hold one update per row (unused rows are zero); applying it, or its
-    transpose, costs $O(\text{memory} \times d)$. (`Broyden`'s own steps read only
-    the rows filled so far; an apply reads every row: under `jax.vmap` a slice of the
-    batched buffers is a copy, which costs SHINE's one-pass backward more than it
-    saves.)
+    The rows of `u` and `v` pair up into its rank-one terms (unused rows are zero);
+    applying it, or its
+    transpose, costs $O(\text{rows} \times d)$. (`Broyden` hands its estimate over in
+    this form, with `memory + 1` rows; an apply reads every row: under `jax.vmap` a
+    slice of the batched buffers is a copy, which costs SHINE's one-pass backward more
+    than it saves.)
     """
 
-    u: Float[Array, "memory d"]
-    v: Float[Array, "memory d"]
+    u: Float[Array, "rows d"]
+    v: Float[Array, "rows d"]
 
     def mv(self, x: Float[Array, " d"]) -> Float[Array, " d"]:
         """$B^{-1} x$."""
@@ -220,14 +201,31 @@ def _keep(active: Array, new: Array, old: Array) -> Array:
 
 
 class _BroydenState(NamedTuple):
-    """Broyden's state: the iterate and the low-rank inverse's circular buffers."""
+    """Broyden's state: the iterate, and its inverse estimate in compact form."""
 
     z: jax.Array  # shape=(d,), z's dtype: the current iterate
     g: jax.Array  # shape=(d,), z's dtype: `fn(z) - z`
     inv_g: jax.Array  # shape=(d,), z's dtype: `B^-1 g`; the next step is -inv_g
-    u: jax.Array  # shape=(memory, d), z's dtype: the updates' u, one a row (unused: 0)
-    v: jax.Array  # shape=(memory, d), z's dtype: the updates' v, one a row (unused: 0)
-    # (Step i writes row i % memory: the solve's iteration count is the step index.)
+    s: jax.Array  # shape=(memory + 1, d), z's dtype: the steps, one a row (unused: 0)
+    a: jax.Array  # shape=(memory + 1, memory + 1), z's dtype: B^-1 = -I + S^T A S
+    # (Step i takes the step in row i % (memory + 1) and writes the next one after it.)
+
+
+def _on_filled_steps(s, a, rows, apply):
+    """`apply(s, a)` on the smallest leading block of rows (of `s`, and of `a`'s
+    rows and columns) that holds the `rows` filled ones; rows past `rows` must be
+    zero. `rows` is reduced over a `jax.vmap` batch (the batch's largest), so the
+    choice of block is a real branch, not a select that runs every block. Under
+    vmap the slice of a (batch, rows, d) buffer is a copy, which the step's two
+    reads repay."""
+    blocks = _row_blocks(s.shape[0])
+    rows = eqxi.unvmap_max(jnp.minimum(rows, s.shape[0]))
+    index = jnp.searchsorted(jnp.asarray(blocks), rows)
+
+    def branch(r):
+        return lambda s, a: apply(s[:r], a[:r, :r])
+
+    return jax.lax.switch(index, [branch(r) for r in blocks], s, a)
 
 
 class Broyden(AbstractSolver):
@@ -241,16 +239,22 @@ class Broyden(AbstractSolver):
       u = \frac{\Delta z - B^{-1} \Delta g}{\Delta z^\top B^{-1} \Delta g}, \qquad
       B^{-1} \leftarrow B^{-1} + u v^\top .$$
 
-    The $(u, v)$ pairs live in circular buffers of `memory` rows (the oldest is
-    overwritten; memory does not grow with the steps). A near-zero denominator skips
-    the update. The solve returns the lowest-residual iterate and hands the final
-    $B^{-1}$ to the backward pass (`optax_pes.Shine`).
+    Every $u$ and $v$ lies in the span of the steps taken (each $u$ is parallel to
+    the next step), so the estimate is kept as $B^{-1} = -I + S^\top A S$: the last
+    `memory + 1` steps $S$ in a circular buffer and a small `(memory + 1)`-square
+    matrix $A$; a step reads $S$ twice. This is exactly good Broyden until the buffer
+    is full (`max_steps <= memory`, as by default). After that the oldest step is
+    overwritten and the estimate is projected off it: `memory` updates are kept,
+    their $v$ restricted to the steps still held. A near-zero denominator skips the
+    update. The solve returns the lowest-residual iterate and hands the final
+    $B^{-1}$ to the backward pass (`optax_pes.Shine`) as a `LowRankInverse` with
+    `memory + 1` rows.
 
     **Arguments:**
 
     - `max_steps`: the most iterations.
     - `tol`: stop when $\|g(z)\| \le$ `tol` or $\|g(z)\| \le$ `tol` $\|z\|$.
-    - `memory`: rows of the low-rank buffers.
+    - `memory`: the updates kept (the buffers hold `memory + 1` steps).
 
     Also stops when the best residual has not improved for 10 steps (stagnation)
     or the residual grows 10^4-fold (divergence); `info.converged` tells.
@@ -265,40 +269,65 @@ class Broyden(AbstractSolver):
         check_int(self.memory, "memory", 1)
 
     def init(self, fn, z0):
-        zeros = jnp.zeros((self.memory,) + z0.shape, z0.dtype)
+        rows = self.memory + 1
         g = fn(z0) - z0
-        return _BroydenState(z0, g, -g, zeros, zeros)
+        # The first step, -B^-1 g = g, is row 0; A = 0 is B^-1 = -I.
+        s = jnp.zeros((rows,) + z0.shape, z0.dtype).at[0].set(g)
+        return _BroydenState(z0, g, -g, s, jnp.zeros((rows, rows), z0.dtype))
 
     def step(self, fn, state, active, iteration):
-        dz = -state.inv_g
+        rows = self.memory + 1
+        slot, nxt = iteration % rows, (iteration + 1) % rows
+        dz = -state.inv_g  # = row `slot` of s
         z = state.z + dz
         g = fn(z) - z
-        # B^-1 g and B^-T dz from one read of the filled rows (before this step's
-        # row: step i has written rows 0..i-1, or all of them once i >= memory).
-        inv_g, v = _on_filled_rows(
-            self.inverse(state), iteration, lambda inv: (inv.mv(g), inv.rmv(dz))
-        )
+
+        def apply(s, a):
+            # S g and S dz (two matrix-vector products: a (r, d) @ (d, 2) product
+            # is a slow path on XLA:CPU), then B^-1 g = -g + S^T (A S g).
+            p, q = s @ g, s @ dz
+            pad = lambda t: jnp.pad(t, (0, rows - t.shape[0]))  # noqa: E731
+            return -g + s.T @ (a @ p), pad(p), pad(a.T @ q)
+
+        inv_g, p, a_q = _on_filled_steps(state.s, state.a, iteration + 1, apply)
+        # v = B^-T dz = S^T c with c = A^T S dz - e_slot (dz is row `slot`).
+        c = a_q - jax.nn.one_hot(slot, rows, dtype=z.dtype)
         inv_dg = inv_g - state.inv_g
         denom = jnp.dot(dz, inv_dg)
-        tiny = jnp.finfo(z.dtype).eps * jnp.linalg.norm(dz) * jnp.linalg.norm(inv_dg)
-        ok = jnp.isfinite(denom) & (jnp.abs(denom) > tiny) & jnp.all(jnp.isfinite(g))
-        u = jnp.where(ok, (dz - inv_dg) / jnp.where(ok, denom, 1), 0)
-        v = jnp.where(ok, v, 0)
-        # Sherman-Morrison: the updated inverse applied to g, without another pass.
-        inv_g = inv_g + u * jnp.dot(v, g)
-        # A skipped update (or a finished sample) writes its row back unchanged.
-        slot = iteration % self.memory
-        write = active & ok
+        # The updated inverse applied to g is kappa B^-1 g (u is parallel to B^-1 g):
+        # the next step, and u = (next step) / (kappa * denom).
+        kappa = 1 - jnp.dot(c, p) / jnp.where(denom == 0, 1, denom)
+        eps = jnp.finfo(z.dtype).eps
+        tiny = eps * jnp.linalg.norm(dz) * jnp.linalg.norm(inv_dg)
+        ok = (
+            jnp.isfinite(denom)
+            & (jnp.abs(denom) > tiny)
+            & jnp.isfinite(kappa)
+            & (jnp.abs(kappa) > eps)
+            & jnp.all(jnp.isfinite(g))
+        )
+        kappa = jnp.where(ok, kappa, 1)
+        inv_g = kappa * inv_g
+        scale = jnp.where(ok, 1 / (kappa * jnp.where(ok, denom, 1)), 0)
+        # The next step goes to row `nxt`, overwriting the oldest once the buffer
+        # is full: the estimate is projected off it (its row and column of A are
+        # zeroed), and the new update is row `nxt` of A.
+        keep = 1 - jax.nn.one_hot(nxt, rows, dtype=z.dtype)
+        a = state.a.at[nxt].set(_keep(active, scale * c * keep, state.a[nxt]))
+        column = a[:, nxt]
+        wrapped = active & (iteration + 1 >= rows)
+        a = a.at[:, nxt].set(_keep(wrapped, column * (1 - keep), column))
         return _BroydenState(
             _keep(active, z, state.z),
             _keep(active, g, state.g),
             _keep(active, inv_g, state.inv_g),
-            state.u.at[slot].set(_keep(write, u, state.u[slot])),
-            state.v.at[slot].set(_keep(write, v, state.v[slot])),
+            state.s.at[nxt].set(_keep(active, -inv_g, state.s[nxt])),
+            a,
         )
 
     def inverse(self, state):
-        return LowRankInverse(state.u, state.v)
+        # -I + S^T A S = -I + U^T V with U = A^T S, V = S.
+        return LowRankInverse(state.a.T @ state.s, state.s)
 
 
 # --------------------------------------------------------------------- Anderson ----

@@ -10,7 +10,7 @@ samples through `jax.vmap`, one sample per DEQ call as the API requires):
    timed. Bars: Shine / JacobianFree <= 1.5, Shine / one batched VJP of f at z*
    w.r.t. (params, x) <= 1.5 (the floor), Implicit / Shine >= 10 (the SHINE paper's
    13x was on large CIFAR MDEQs). Also Shine with Broyden memory 10 and 20 (SHINE's
-   own cost is reading the (B, memory, d) inverse buffers), Shine(refine_steps=r),
+   own cost is reading the (B, memory + 1, d) inverse buffers), Shine(refine_steps=r),
    Phantom(5), and Implicit with GMRES (restart 30 and 10) and with fixed-point
    iteration. Accuracy: cosine of each gradient (w.r.t. the layer's parameters and
    x, all flattened) with the exact implicit gradient from a dense per-sample solve
@@ -87,10 +87,10 @@ Notes:
   pass) and orthogonalises at HIGHEST precision, so it costs far more per VJP.
 - Shine's cosine is close to JFB's: Broyden's inverse is accurate on the secant
   directions the forward explored, not on a random cotangent; refine fixes that.
-- Forward: under vmap a Broyden step reads the (B, memory, d) buffers' filled
-  rows four times (B^-1 g and B^-T dz, in leading blocks of 1, 2, 4, ... rows;
-  the blocks are copies under vmap) and writes one row, so its time still grows
-  with the rows a solve fills, and with memory once they wrap around.
+- Forward: under vmap a Broyden step reads its (B, memory + 1, d) buffer of
+  steps' filled rows twice (B^-1 = -I + S^T A S: S g and S dz, then S^T (A S g);
+  in leading blocks of 1, 2, 4, ... rows, copies under vmap) and writes one row,
+  so its time still grows with the rows a solve fills.
 """
 
 

@@ -272,7 +272,8 @@ def main():
         )
         print(
             f"{name:<28} test acc {np.mean(accs):.4f}  step {ms['step']:.1f} ms  "
-            f"fwd {ms['fwd']:.1f} ms"
+            f"fwd {ms['fwd']:.1f} ms  (per seed: "
+            f"{' '.join(f'{100 * a:.1f}' for a in accs)})"
         )
 
     print(
@@ -298,18 +299,21 @@ def main():
     print("\n" + " ".join(notes))
     # Every model sees the same initialisation and minibatches per seed, so the
     # differences are paired: their spread over seeds is far below the accuracies'.
-    for other in ("Implicit(tol=1e-4)", "JacobianFree()"):
-        if "Shine()" in results and other in results:
-            diff = 100 * (results["Shine()"]["acc"] - results[other]["acc"])
+    implicit = "Implicit(tol=1e-4)"
+    for shine in (n for n in results if n.startswith("Shine")):
+        for other in (implicit, "JacobianFree()"):
+            if other not in results:
+                continue
+            diff = 100 * (results[shine]["acc"] - results[other]["acc"])
             error = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else np.nan
             print(
-                f"SHINE - {other} accuracy, paired over {len(diff)} seed(s): "
+                f"{shine} - {other} accuracy, paired over {len(diff)} seed(s): "
                 f"{diff.mean():+.2f} ± {error:.2f} points (mean ± standard error; "
                 f"per seed {np.array2string(diff, precision=2)})"
             )
-    if "Shine()" in results and "Implicit(tol=1e-4)" in results:
-        ratio = results["Shine()"]["step"] / results["Implicit(tol=1e-4)"]["step"]
-        print(f"SHINE / Implicit train step time: {ratio:.2f}")
+        if implicit in results:
+            ratio = results[shine]["step"] / results[implicit]["step"]
+            print(f"{shine} / {implicit} train step time: {ratio:.2f}")
 
     import matplotlib
 

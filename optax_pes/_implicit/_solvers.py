@@ -46,11 +46,10 @@ class LowRankInverse(eqx.Module):
     r"""Broyden's inverse-Jacobian estimate $B^{-1} = -I + U^\top V$ of $g = f - I$.
 
     The rows of `u` and `v` pair up into its rank-one terms (unused rows are zero);
-    applying it, or its
-    transpose, costs $O(\text{rows} \times d)$. (`Broyden` hands its estimate over in
-    this form, with `memory + 1` rows; an apply reads every row: under `jax.vmap` a
-    slice of the batched buffers is a copy, which costs SHINE's one-pass backward more
-    than it saves.)
+    applying it, or its transpose, costs $O(\text{rows} \times d)$. (`Broyden` hands
+    its estimate over in this form, with `memory + 1` rows; an apply reads every row:
+    under `jax.vmap` a slice of the batched buffers is a copy, which costs SHINE's
+    one-pass backward more than it saves.)
     """
 
     u: Float[Array, "rows d"]

@@ -9,6 +9,31 @@ import pytest
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
+def _memory_mappings() -> int | None:
+    try:
+        with open("/proc/self/maps") as maps:
+            return sum(1 for _ in maps)
+    except OSError:  # not Linux
+        return None
+
+
+@pytest.fixture(autouse=True)
+def _free_compiled_programs():
+    """Drop JAX's compiled programs once they hold too many memory mappings.
+
+    XLA:CPU keeps each loaded executable in memory mappings (about nine for a small
+    program, more for one with many branches), and a process may hold at most
+    `vm.max_map_count` of them (65530 by default). The suite compiles thousands of
+    programs, which jit caches keep alive: `test_deq.py` alone reached ~44k
+    mappings, and by `test_linen.py` the next compile crashed inside XLA
+    (segmentation fault or abort, no error message). Clearing the caches returns
+    the count to its start; the check is one read of /proc/self/maps per test."""
+    yield
+    count = _memory_mappings()
+    if count is not None and count > 20_000:
+        jax.clear_caches()
+
+
 @pytest.fixture
 def x64():
     """Run a test with 64-bit floats enabled (restored afterwards)."""
@@ -24,3 +49,4 @@ def _slow_tests_within_the_ci_budget(request):
     if deadline and request.node.get_closest_marker("slow") is not None:
         if time.time() > float(deadline):
             pytest.skip("out of the CI time budget for slow tests")
+

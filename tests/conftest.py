@@ -49,4 +49,3 @@ def _slow_tests_within_the_ci_budget(request):
     if deadline and request.node.get_closest_marker("slow") is not None:
         if time.time() > float(deadline):
             pytest.skip("out of the CI time budget for slow tests")
-

@@ -41,15 +41,20 @@ def training_system():
     )
 
 
-def estimators(**mesh):
-    """Every estimator on 8 particles; PES on the training system, the others on a
-    random linear-quadratic system (cheaper to compile)."""
+def estimators(training=True, **mesh):
+    """Every estimator on 8 particles; staggered PES on the training system (or, with
+    `training=False`, on the linear-quadratic one: `--quick` does, since compiling
+    the training system for 4 devices takes most of a minute), the others on a random
+    linear-quadratic system (cheaper to compile)."""
     common = dict(num_particles=8, key=3, **mesh)
-    training = training_system()
     lq, _ = optax_pes.tasks.linear_quadratic(0, theta_shapes=(2,), horizon=12)
     return {
         "pes": optax_pes.pes(
-            training, sigma=0.1, truncation_length=5, stagger=True, **common
+            training_system() if training else lq,
+            sigma=0.1,
+            truncation_length=5,
+            stagger=True,
+            **common,
         ),
         "pes_sync": optax_pes.pes(lq, sigma=0.1, truncation_length=4, **common),
         "full_es": optax_pes.full_es(lq, sigma=0.1, **common),
@@ -112,14 +117,15 @@ def main(quick: bool = False) -> int:
     assert jax.device_count() >= NUM_DEVICES, jax.devices()
     theta = jnp.array([jnp.log(0.05), jnp.log(1.0)])
     names = QUICK if quick else tuple(estimators())
-    single = {k: run(tx, theta) for k, tx in estimators().items() if k in names}
+    training = not quick
+    single = {k: run(tx, theta) for k, tx in estimators(training).items() if k in names}
     explicit = jax.make_mesh((NUM_DEVICES,), ("particles",))  # explicit axes
     auto = jax.make_mesh((NUM_DEVICES,), ("particles",), axis_types=(AxisType.Auto,))
     grid = jax.make_mesh((2, 2), ("particles", "model"))
     cases = [(name, explicit, None) for name in single]
     cases += [("pes", grid, "particles")] + ([] if quick else [("pes", auto, None)])
     for name, mesh, axes in cases:
-        tx = estimators(mesh=mesh, mesh_axes=axes)[name]
+        tx = estimators(training, mesh=mesh, mesh_axes=axes)[name]
         estimates, state = run(tx, theta)
         types = "/".join(t.name for t in mesh.axis_types)
         label = f"{name} on mesh {dict(mesh.shape)} ({types}), axes {axes or 'all'}"
@@ -128,7 +134,7 @@ def main(quick: bool = False) -> int:
         worst = check_equal(label, (estimates, state), single[name])
         print(f"ok: {label} (worst difference / scale {worst:.1e})", flush=True)
     # A sharded state checkpoints and continues like the single-device run.
-    tx = estimators(mesh=explicit)["pes"]
+    tx = estimators(training, mesh=explicit)["pes"]
     _, state = run(tx, theta, num_updates=2)
     buffer = io.BytesIO()
     optax_pes.tree_serialise_leaves(buffer, state)

@@ -112,7 +112,16 @@ def _grid_minimum():
     return float(jnp.min(losses))
 
 
-@pytest.mark.parametrize("method", ["shine", "shine_opa", "shine_refine", "implicit"])
+# SHINE in the default suite; the other methods (about 12 s each on CPU) with
+# `-m slow`.
+@pytest.mark.parametrize(
+    "method",
+    ["shine"]
+    + [
+        pytest.param(m, marks=pytest.mark.slow)
+        for m in ("shine_opa", "shine_refine", "implicit")
+    ],
+)
 def test_hyperparameter_optimisation_reaches_the_grid_minimum(method, x64):
     tx = optax.chain(
         optax_pes.shine_bilevel(

@@ -74,7 +74,10 @@ def _problem(seed, **kwargs):
 SEEDS = range(5)
 
 
-@pytest.mark.parametrize("seed", SEEDS)
+# Two layers in the default suite, all five with `-m slow` (about 15 s each on CPU).
+@pytest.mark.parametrize(
+    "seed", [0, 1] + [pytest.param(s, marks=pytest.mark.slow) for s in SEEDS[2:]]
+)
 def test_implicit_and_refined_shine_match_the_exact_gradient(seed, x64):
     layer, x, cotangent = _problem(seed)
     ref_layer, ref_x = exact_gradients(layer, x, cotangent)
@@ -90,6 +93,7 @@ def test_implicit_and_refined_shine_match_the_exact_gradient(seed, x64):
         assert cosine(g_x, ref_x) > bound, adjoint
 
 
+@pytest.mark.slow  # an average over the five random layers (about 35 s on CPU)
 def test_shine_at_least_as_close_as_jacobian_free_on_average(x64):
     shine, jfb = [], []
     for seed in SEEDS:
@@ -212,7 +216,11 @@ def test_broyden_memory_is_fixed_size():
     assert int(info.steps) > 4
 
 
-@pytest.mark.parametrize("memory", [1, 3, 5, 30])
+# Memory 1 and 5 in the default suite; 3 and the default 30 (20-30 s on CPU) with
+# `-m slow`.
+@pytest.mark.parametrize(
+    "memory", [1, 5] + [pytest.param(m, marks=pytest.mark.slow) for m in (3, 30)]
+)
 def test_broyden_step_reads_every_filled_row(x64, memory):
     """Broyden's step reads only the leading block of rows written so far. The
     same step given its iteration count plus a multiple of the `memory + 1` rows

@@ -78,7 +78,15 @@ def test_gradient_matches_the_dense_implicit_gradient(x64):
     assert float(jnp.linalg.norm(ravel_pytree(expected.deq)[0])) > 1e-3
 
 
-@pytest.mark.parametrize("name", list(ADJOINTS))
+# SHINE and Jacobian-free in the default suite; the others (10-12 s each on CPU)
+# with `-m slow`.
+@pytest.mark.parametrize(
+    "name",
+    [
+        n if n in ("Shine", "JacobianFree") else pytest.param(n, marks=pytest.mark.slow)
+        for n in ADJOINTS
+    ],
+)
 def test_every_adjoint_gives_finite_gradients_under_jit_and_vmap(name):
     model = tiny(ADJOINTS[name])
     batch = images(2)

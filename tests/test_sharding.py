@@ -36,8 +36,9 @@ def _sharded_checks(*args: str) -> str:
 
 
 def test_sharded_estimate_equals_single_device():
-    # PES (staggered, on the training system) and TBPTT on a 4-device mesh and on a
-    # 2x2 grid, and a sharded checkpoint restored: the default suite's share.
+    # Staggered PES and TBPTT (both on a linear-quadratic system) on a 4-device mesh
+    # and on a 2x2 grid, and a sharded checkpoint restored: the default suite's share.
+    # The slow test below runs PES on the training system.
     out = _sharded_checks("--quick")
     assert out.count("ok:") == 4, out
 

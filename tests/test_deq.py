@@ -373,10 +373,11 @@ def test_vmap_jit_and_batch_gradients_are_sums_of_per_sample_ones(adjoint, rtol,
         return eqx.filter_grad(loss)(deq)
 
     batch = batch_loss_grad(deq, xs)
-    single = [
-        eqx.filter_grad(lambda d, x: jnp.sum(d(x, jnp.zeros(8)) ** 2))(deq, x)
-        for x in xs
-    ]
+    # One sample per call, unbatched (jitted once: eager calls would recompile).
+    single_grad = eqx.filter_jit(
+        eqx.filter_grad(lambda d, x: jnp.sum(d(x, jnp.zeros(8)) ** 2))
+    )
+    single = [single_grad(deq, x) for x in xs]
     total = jax.tree.map(lambda *g: sum(g), *single)
     np.testing.assert_allclose(_flat(batch.fn), _flat(total.fn), rtol=rtol, atol=1e-9)
     _, infos = jax.vmap(deq.solve, in_axes=(0, None))(xs, jnp.zeros(8))

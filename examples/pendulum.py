@@ -33,6 +33,9 @@ def main():
         learning_rate=0.05,
         num_evals=20,
         eval_episodes=64,
+        learning_rates={},
+        seeds=1,
+        stagger=False,
         out="outputs/pendulum.png",
         quick=dict(budget=100_000, num_evals=4),
     )

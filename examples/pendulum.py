@@ -1,4 +1,4 @@
-"""PES against full-episode ES and truncated ES on gymnax's Pendulum-v1.
+"""PES and NRES against full-episode ES and truncated ES on gymnax's Pendulum-v1.
 
 The fast companion of `examples/swimmer.py`, with the same comparison at equal
 environment-step budgets: an MLP policy (observations scaled by their ranges, torque

@@ -1,4 +1,4 @@
-"""PES against full-episode ES and truncated ES on MuJoCo's swimmer, at equal budgets.
+"""PES and NRES against full-episode ES and truncated ES on MuJoCo's swimmer.
 
 The swimmer is gymnasium's Swimmer-v5 simulated by MJX, MuJoCo's JAX backend
 (`optax_pes.tasks.MJXSwimmer`), driven by a linear policy (Mania et al.'s ARS policy)
@@ -10,18 +10,20 @@ current (unperturbed) policy against the environment steps the estimator has use
 
 - full-episode ES: N particles run whole episodes, one update per N * T steps;
 - PES: N particles run windows of K steps, one unbiased update per N * K steps;
+- NRES (noise-reuse ES): the same windows, each particle keeping one perturbation
+  for its whole episode (unbiased too, with less variance);
 - truncated ES: the same windows from a shared state that the unperturbed policy
   advances (N * K + N/2 * K steps per update), biased towards short-term reward.
 
-PES and truncated ES spread their particles over the episode (`--stagger`, the
+PES, NRES and truncated ES spread their particles over the episode (`--stagger`, the
 default here): without it every update sees the same tenth of the episode, and PES
 did not leave the swimmer's first gait. Each of `--seeds` seeds (the estimators'
-keys) runs all three. Prints a table per seed (environment steps to reach full ES's
+keys) runs all four. Prints a table per seed (environment steps to reach full ES's
 final return, and to go 95% of the way there from theta0's return; final returns;
 wall time) and saves a figure (default `outputs/swimmer.png`). Needs the control
 extra: `pip install -e ".[control,examples]"`.
 
-    python examples/swimmer.py           # ~16 minutes on 2 CPU cores (2 seeds)
+    python examples/swimmer.py           # ~22 minutes on 2 CPU cores (2 seeds)
     python examples/swimmer.py --quick   # a smaller budget, for smoke tests
 
 MJX compiles each estimator's update and the evaluation once (15-30 s each on a CPU)
@@ -53,17 +55,18 @@ def steps_per_update(name, *, num_particles, truncation_length, horizon):
     return num_particles * truncation_length
 
 
-ESTIMATORS = ("full ES", "PES", "truncated ES")
+ESTIMATORS = ("full ES", "PES", "NRES", "truncated ES")
 
 
 def make_estimators(system, *, num_particles, sigma, truncation_length, key, stagger):
-    """The three estimators, by name, with the same particles and noise scale;
+    """The four estimators, by name, with the same particles and noise scale;
     `stagger` spreads the windowed estimators' particles over the episode."""
     es = dict(num_particles=num_particles, sigma=sigma, key=key)
     window = dict(es, truncation_length=truncation_length, stagger=stagger)
     return {
         "full ES": optax_pes.full_es(system, **es),
         "PES": optax_pes.pes(system, **window),
+        "NRES": optax_pes.nres(system, **window),
         "truncated ES": optax_pes.truncated_es(system, **window),
     }
 
@@ -254,7 +257,7 @@ def parse_args(description, **defaults):
     parser.add_argument(
         "--stagger",
         action=argparse.BooleanOptionalAction,
-        help="spread PES's and truncated ES's particles over the episode",
+        help="spread the windowed estimators' particles over the episode",
     )
     parser.add_argument("--out", help="figure path")
     parser.add_argument("--cache", help="a directory for JAX's compilation cache")

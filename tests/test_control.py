@@ -563,3 +563,54 @@ def test_pes_on_the_mjx_swimmer_smoke():
         theta, state = train_step(theta, state)
     assert bool(jnp.all(jnp.isfinite(theta))) and bool(jnp.any(theta != 0))
     assert bool(jnp.isfinite(state[0].diagnostics.mean_loss))
+
+
+# -- the examples' harness (slow: needs gymnax, from the control extra) --------------
+
+
+@pytest.mark.slow
+def test_pendulum_example_runs_every_estimator_over_seeds(tmp_path):
+    pytest.importorskip("gymnax")
+    import pathlib
+    import subprocess
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    figure = tmp_path / "pendulum.png"
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(root / "examples" / "pendulum.py"),
+            "--quick",
+            "--seeds",
+            "2",
+            "--learning-rates",
+            "PES=0.01,full ES=0.1",
+            "--out",
+            str(figure),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [line.split() for line in run.stdout.splitlines()]
+    for seed in ("0", "1"):
+        for name in ("full", "PES", "NRES", "truncated"):
+            assert any(row[:2] == [seed, name] for row in rows), run.stdout
+    assert "over the seeds" in run.stdout
+    assert figure.is_file()
+
+    bad = subprocess.run(
+        [
+            sys.executable,
+            str(root / "examples" / "pendulum.py"),
+            "--learning-rates",
+            "PSE=0.01",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert bad.returncode == 2 and "unknown estimator 'PSE'" in bad.stderr

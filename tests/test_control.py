@@ -9,6 +9,8 @@ summed PES estimates must average to `jax.grad` of the summed losses of
 return, done latching included.
 """
 
+import pathlib
+import subprocess
 import sys
 from typing import NamedTuple
 
@@ -571,9 +573,6 @@ def test_pes_on_the_mjx_swimmer_smoke():
 @pytest.mark.slow
 def test_pendulum_example_runs_every_estimator_over_seeds(tmp_path):
     pytest.importorskip("gymnax")
-    import pathlib
-    import subprocess
-
     root = pathlib.Path(__file__).resolve().parents[1]
     figure = tmp_path / "pendulum.png"
     run = subprocess.run(

@@ -30,7 +30,7 @@ MJX compiles each estimator's update and the evaluation once (15-30 s each on a 
 and then runs 4,000 (N = 8) to 12,000 (N = 64) environment steps per second on 2 cores
 (a GPU is much faster); `--cache DIR` keeps the compiled programs for the next run.
 Updates run in `--num-evals` equal chunks, so an estimator uses the largest multiple
-of its chunk within the budget (truncated ES: 135 of the 150 updates that 960k steps
+of its chunk within the budget (truncated ES: 90 of the 100 updates that 960k steps
 allow).
 """
 
@@ -157,8 +157,7 @@ def compare(system, theta0, args, *, title):
         f"budget {args.budget:,} environment steps per estimator and seed; target = "
         "full ES's final return in the same seed; 'fewer' = full ES's steps to a "
         "level / the estimator's (also at 95% of the way from theta0's return to the "
-        "target: on a plateau the final "
-        "return itself is partly evaluation noise)"
+        "target: on a plateau the final return itself is partly evaluation noise)"
     )
     print(
         f"{'seed':>4} {'estimator':<13} {'env steps':>10} {'final return':>13} "

@@ -226,11 +226,12 @@ def _learning_rates(text):
     rates = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, _, value = item.partition("=")
-        if name.strip() not in ESTIMATORS:
+        name = name.strip()
+        if name not in ESTIMATORS:
             raise argparse.ArgumentTypeError(
-                f"unknown estimator {name.strip()!r}; expected one of {ESTIMATORS}"
+                f"unknown estimator {name!r}; expected one of {ESTIMATORS}"
             )
-        rates[name.strip()] = float(value)
+        rates[name] = float(value)
     return rates
 
 

@@ -117,6 +117,77 @@ def check_same_structure(
         raise ValueError(message(describe(expected), describe(got)))
 
 
+def _dtype(x: Any) -> Any:
+    return x.dtype if hasattr(x, "dtype") else jnp.result_type(x)
+
+
+def _leaf_type(leaf: Any) -> str:
+    return f"{_dtype(leaf)}{list(jnp.shape(leaf))}"
+
+
+def _structure_difference(got: Any, expected: Any, at: str = "state") -> str:
+    """Where two pytrees of different structure first differ, in words."""
+    if type(got) is not type(expected):
+        return f"{at} is a {type(got).__name__}, expected a {type(expected).__name__}"
+    fields = getattr(expected, "_fields", None)  # NamedTuples: compare field by field
+    if fields is not None:
+        for field in fields:
+            a, b = getattr(got, field), getattr(expected, field)
+            if jax.tree.structure(a) != jax.tree.structure(b):
+                return _structure_difference(a, b, f"{at}.{field}")
+    return (
+        f"{at} has the structure {jax.tree.structure(got)}, expected "
+        f"{jax.tree.structure(expected)}"
+    )
+
+
+def state_checker(
+    init: Callable[[PyTree], Any], name: str
+) -> Callable[[Any, PyTree], None]:
+    """`check(state, params)`: raise a `ValueError` naming `state` unless it has the
+    structure, shapes and dtypes that `init(params)` gives (a state from another
+    transformation, another `num_particles`, or params of another shape or dtype).
+
+    The expected state is `jax.eval_shape(init, params)` (nothing runs), kept per
+    params signature. Call it where the update is traced: under `jit` it then costs
+    nothing per call.
+    """
+    templates: dict[Any, Any] = {}
+
+    def check(state: Any, params: PyTree) -> None:
+        leaves, treedef = jax.tree.flatten(params)
+        abstract = [jax.ShapeDtypeStruct(jnp.shape(x), _dtype(x)) for x in leaves]
+        signature = (treedef, tuple((a.shape, a.dtype) for a in abstract))
+        if signature not in templates:
+            templates[signature] = jax.eval_shape(
+                init, jax.tree.unflatten(treedef, abstract)
+            )
+        expected = templates[signature]
+        if jax.tree.structure(state) != jax.tree.structure(expected):
+            problem = _structure_difference(state, expected)
+        else:
+            with_paths = jax.tree_util.tree_flatten_with_path(state)[0]
+            for (path, got), want in zip(
+                with_paths, jax.tree.leaves(expected), strict=True
+            ):
+                if _leaf_type(got) != _leaf_type(want):
+                    problem = (
+                        f"state{jax.tree_util.keystr(path)} is {_leaf_type(got)}, "
+                        f"expected {_leaf_type(want)}"
+                    )
+                    break
+            else:
+                return
+        raise ValueError(
+            f"state does not belong to this {name} and these params "
+            f"({describe(params)}): {problem}. Pass the state that this "
+            "transformation's init(params) returned (a state of another "
+            "estimator, num_particles or params does not fit)"
+        )
+
+    return check
+
+
 def require_params(params: Any, name: str) -> None:
     """`update` of a transformation that needs `params` (optax passes None)."""
     if params is None:

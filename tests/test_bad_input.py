@@ -1,5 +1,7 @@
 """Bad input: clear errors naming the argument; non-finite windows are contained."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -410,3 +412,86 @@ def test_updates_narrower_than_the_estimate_are_refused():
     tx = optax_pes.pes(_system(), **_kwargs())
     with pytest.raises(TypeError, match=r"updates.*float16.*float32"):
         tx.update(jnp.zeros(2, jnp.float16), tx.init(theta), theta)
+
+
+def _make(name, **overrides):
+    if name == "tbptt":
+        return optax_pes.tbptt(_system(), truncation_length=2, key=0)
+    kwargs = _kwargs(**overrides)
+    if name == "full_es":
+        del kwargs["truncation_length"]
+    return getattr(optax_pes, name)(_system(), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "made_by, used_by, match",
+    [
+        (("pes", {}), ("pes", dict(num_particles=8)), r"state\.inner_state is"),
+        (("nres", {}), ("pes", {}), "state.noise is a NRESNoise, expected a PESNoise"),
+        (("pes", {}), ("nres", {}), "state.noise is a PESNoise, expected a NRESNoise"),
+        (("truncated_es", {}), ("pes", {}), "state.noise is a NoNoise"),
+        (("pes", {}), ("truncated_es", {}), r"state\.(noise|inner_state)"),
+        (("tbptt", {}), ("pes", {}), "state.noise is a NoNoise"),
+        (("pes", {}), ("tbptt", {}), r"state\.(noise|inner_state)"),
+    ],
+)
+@pytest.mark.parametrize("jit", [False, True])
+def test_a_state_of_another_transformation_is_refused(made_by, used_by, match, jit):
+    # Before: a cryptic broadcasting TypeError or an AttributeError from deep inside
+    # the window (or, for tbptt, a wrong answer), not an error naming `state`.
+    theta = jnp.array([0.3, -0.2])
+    state = _make(made_by[0], **made_by[1]).init(theta)
+    tx = _make(used_by[0], **used_by[1])
+    update = jax.jit(tx.update) if jit else tx.update
+    with pytest.raises(ValueError, match=f"state does not belong to this.*{match}"):
+        update(jnp.zeros(2), state, theta)
+    update(jnp.zeros(2), tx.init(theta), theta)  # its own state is fine
+
+
+def test_a_state_for_other_params_is_refused():
+    tx = _make("pes")
+    state = tx.init(jnp.zeros(2))
+    with pytest.raises(ValueError, match=r"state\.noise\.score is float32\[2, 2\]"):
+        tx.update(jnp.zeros(1), state, jnp.zeros(1))  # the system broadcasts it
+    with jax.enable_x64(True):
+        with pytest.raises(ValueError, match=r"float32\[4, 2\], expected float64"):
+            tx.update(jnp.zeros(2, jnp.float64), state, jnp.zeros(2, jnp.float64))
+
+
+def test_ask_tell_refuses_another_state():
+    pes_like = optax_pes.ask_tell(
+        num_particles=4, sigma=0.1, truncation_length=2, key=0
+    )
+    theta = jnp.array([0.3, -0.2])
+    state = optax_pes.ask_tell(
+        num_particles=8, sigma=0.1, truncation_length=2, key=0
+    ).init(theta)
+    with pytest.raises(ValueError, match=r"state\.remaining is int32\[4\], expected"):
+        pes_like.ask(state, theta)
+    with pytest.raises(ValueError, match="state does not belong"):
+        pes_like.tell(state, theta, jnp.ones(4), jnp.zeros(4, bool))
+
+
+@pytest.mark.parametrize("make", ES + [optax_pes.full_es])
+def test_sigma_that_underflows_thetas_dtype_is_refused_at_init(make):
+    # 1e-40 is a float32 subnormal: every score overflowed, every window was dropped
+    # and the estimate was silently zero.
+    kwargs = _kwargs(sigma=1e-40)
+    if make is optax_pes.full_es:
+        del kwargs["truncation_length"]
+    tx = make(_system(), **kwargs)
+    with pytest.raises(ValueError, match=r"sigma must be a normal number.*float32"):
+        tx.init(jnp.array([0.3, -0.2]))
+    with jax.enable_x64(True):  # float64 represents it
+        tx.init(jnp.zeros(2, jnp.float64))
+
+
+def test_sigma_below_thetas_resolution_warns():
+    # theta + eps rounds to theta: with antithetic pairs the estimate is exactly zero.
+    theta = jnp.array([1000.0, 0.0])
+    tx = optax_pes.pes(_system(), **_kwargs(sigma=1e-6))
+    with pytest.warns(RuntimeWarning, match="sigma=1e-06 is below the float32 spacing"):
+        tx.init(theta)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        optax_pes.pes(_system(), **_kwargs(sigma=1e-3)).init(theta)

@@ -21,8 +21,14 @@ from optax_pes._checks import (
     check_float_tree,
     check_int,
     is_concrete,
+    state_checker,
 )
-from optax_pes._es._config import EstimatorConfig, check_num_particles, check_sigma
+from optax_pes._es._config import (
+    EstimatorConfig,
+    check_num_particles,
+    check_sigma,
+    check_sigma_for,
+)
 from optax_pes._es._estimator import credit, draw
 from optax_pes._es._nres import _ReusedNoise
 from optax_pes._es._pes import _PersistentNoise
@@ -143,11 +149,15 @@ def ask_tell(
     def init(params: PyTree) -> EstimatorState:
         check_float_tree(params, "params")
         flat, _ = ravel_pytree(params)
+        check_sigma_for(sigma, flat)
         return start_state(
             config, inner_state=None, noise=policy.init_noise(config, flat)
         )
 
+    check_state = state_checker(init, config.name)
+
     def ask(state: EstimatorState, params: PyTree) -> Ask:
+        check_state(state, params)
         d = draw(config, policy, state, params)
         p = d.perturbation
         after = p.thetas if p.thetas_after_reset is None else p.thetas_after_reset
@@ -193,6 +203,7 @@ def ask_tell(
         losses_after: Float[Array, " particles"] | None = None,
         reset_inside: Bool[Array, " particles"] | None = None,
     ) -> tuple[PyTree, EstimatorState]:
+        check_state(state, params)
         losses = losses_of(losses, "losses")
         ended = per_group(ended, "ended")
         if (losses_after is None) != (reset_inside is None):

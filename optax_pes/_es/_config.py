@@ -1,9 +1,11 @@
 """The structural configuration every estimator shares, validated once."""
 
+import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jaxtyping import PRNGKeyArray
 
@@ -69,6 +71,39 @@ def check_sigma(sigma: Any) -> None:
             raise ValueError(
                 f"sigma must be a positive finite standard deviation, got {value}"
             )
+
+
+def check_sigma_for(sigma: Any, flat: jax.Array) -> None:
+    """At `init`, once theta's dtype and values are known: a concrete `sigma` that
+    is not a normal number in theta's dtype is an error (every score `eps / sigma^2`
+    would overflow and every window be dropped); one below the spacing of theta's
+    largest coordinate is warned about (`theta + eps` rounds to `theta` there, so
+    that coordinate's estimate is zero with antithetic pairs, noise without)."""
+    if sigma is None or not is_concrete(sigma):
+        return
+    if not jnp.issubdtype(flat.dtype, jnp.floating):
+        return  # refused as params by the system check, with its own message
+    finfo = jnp.finfo(flat.dtype)
+    value = float(np.asarray(sigma))
+    if value < float(finfo.tiny):
+        raise ValueError(
+            f"sigma must be a normal number in theta's dtype {flat.dtype} "
+            f"(>= {float(finfo.tiny):.3g}), got {value:.3g}: its scores would overflow"
+        )
+    if not is_concrete(flat) or flat.size == 0:
+        return
+    largest = float(jnp.max(jnp.abs(flat)))
+    spacing = largest * float(finfo.eps)
+    if value < spacing:
+        warnings.warn(
+            f"sigma={value:.3g} is below the {flat.dtype} spacing of theta's largest "
+            f"coordinate (|theta| = {largest:.3g}, spacing {spacing:.3g}): "
+            "theta + eps rounds to theta there, and its estimate is zero (antithetic) "
+            "or noise. Use a larger sigma or rescale theta"
+            + (", or float64 params." if finfo.bits < 64 else "."),
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def check_num_particles(num_particles: Any, antithetic: bool) -> int:

@@ -30,8 +30,9 @@ from optax_pes._checks import (
     is_concrete,
     is_params_placeholder,
     require_params,
+    state_checker,
 )
-from optax_pes._es._config import EstimatorConfig
+from optax_pes._es._config import EstimatorConfig, check_sigma_for
 from optax_pes._es._state import (
     EstimatorState,
     initial_state,
@@ -265,6 +266,7 @@ def estimator(
         if is_params_placeholder(params):
             return placeholder_state(config)
         flat, _ = ravel_pytree(params)
+        check_sigma_for(config.sigma, flat)
         return initial_state(
             config,
             params,
@@ -272,9 +274,12 @@ def estimator(
             noise=policy.init_noise(config, flat),
         )
 
+    check_state = state_checker(init_fn, config.name)
+
     @compiled_when_eager
     def update(updates, state, params):
         loss_dtype = check_against_system(system, params)  # names what is wrong
+        check_state(state, params)  # traced once per compile: free per call
         d = draw(config, policy, state, params)
         unravel_all = jax.vmap(d.unravel)
         after = d.perturbation.thetas_after_reset

@@ -8,7 +8,12 @@ import optax
 from jax.sharding import Mesh
 from jaxtyping import PRNGKeyArray, PyTree
 
-from optax_pes._checks import check_finite_params, is_params_placeholder, require_params
+from optax_pes._checks import (
+    check_finite_params,
+    is_params_placeholder,
+    require_params,
+    state_checker,
+)
 from optax_pes._es._config import configure
 from optax_pes._es._estimator import compiled_when_eager
 from optax_pes._es._state import (
@@ -79,9 +84,12 @@ def tbptt(
         check_finite_params(params)  # eagerly an error; under jit, left out and counted
         return update(updates, state, params)
 
+    check_state = state_checker(init_fn, "tbptt")
+
     @compiled_when_eager
     def update(updates, state, params):
         loss_dtype = check_against_system(system, params)
+        check_state(state, params)  # traced once per compile: free per call
         rng_key, _, window_key = jax.random.split(state.rng_key, 3)
         n = config.num_particles
         thetas = jax.tree.map(lambda p: jnp.broadcast_to(p, (n,) + p.shape), params)

@@ -39,12 +39,24 @@ def _leaf_spec(x: Any) -> str:
 def _header(pytree: PyTree) -> dict[str, Any]:
     # Leaf paths, not str(treedef): a treedef prints static fields (functions with
     # their addresses), which differ between processes.
+    # String leaves have no array to save: their values go in the header.
     leaves = jax.tree_util.tree_leaves_with_path(pytree)
+    paths = [jax.tree_util.keystr(path) for path, _ in leaves]
     return {
         "version": _VERSION,
-        "paths": [jax.tree_util.keystr(path) for path, _ in leaves],
+        "paths": paths,
         "leaves": [_leaf_spec(x) for _, x in leaves],
+        "strings": {
+            p: x for p, (_, x) in zip(paths, leaves, strict=True) if isinstance(x, str)
+        },
     }
+
+
+def _with_saved_strings(tree: PyTree, strings: dict[str, str]) -> PyTree:
+    """`tree` with its string leaves replaced by the saved ones (by path)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: strings.get(jax.tree_util.keystr(path), x), tree
+    )
 
 
 def _save(f: BinaryIO, x: Any) -> None:
@@ -78,7 +90,8 @@ def tree_serialise_leaves(path_or_file: str | pathlib.Path | BinaryIO, pytree: P
     **Arguments:**
 
     - `path_or_file`: a path, or a binary file opened for writing.
-    - `pytree`: any pytree of arrays, keys, and Python scalars.
+    - `pytree`: any pytree of arrays, keys, Python numbers and strings (other
+      leaves, such as functions, are not saved: they come from `like` on loading).
 
     **Example:**
 
@@ -160,14 +173,17 @@ def tree_deserialise_leaves(
 
     - `path_or_file`: a path, or a binary file opened for reading.
     - `like`: a pytree with the saved one's structure, shapes and dtypes (e.g. a fresh
-      `tx.init(theta)`); its values are ignored.
+      `tx.init(theta)`); its values are ignored, except for leaves that are neither
+      arrays, keys, Python numbers nor strings (an Equinox module's activation
+      function), which are not saved and come from `like`.
 
     **Returns:** `like` with the saved values.
     """
     if isinstance(path_or_file, (str, pathlib.Path)):
         with open(path_or_file, "rb") as f:
             return tree_deserialise_leaves(f, like)
-    _check_fits(_read_header(path_or_file), like)
+    header = _read_header(path_or_file)
+    _check_fits(header, like)
     body = io.BytesIO(path_or_file.read())
     try:
         out = eqx.tree_deserialise_leaves(body, like, filter_spec=_load)
@@ -180,4 +196,4 @@ def tree_deserialise_leaves(
         raise CheckpointError(
             "the checkpoint has data after the last leaf of `like`: it is corrupt"
         )
-    return out
+    return _with_saved_strings(out, header.get("strings", {}))

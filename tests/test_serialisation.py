@@ -77,3 +77,18 @@ def test_zeroed_or_extended_file_says_corrupt():
         _load(bytes(len(data)), like)
     with pytest.raises(ValueError, match="corrupt"):
         _load(data + b"\x00" * 16, like)
+
+
+def test_a_string_leaf_is_restored_not_taken_from_like():
+    # Before: equinox skips non-array leaves, so the restored string was `like`'s,
+    # silently, although `like`'s values are documented as ignored.
+    saved = {"run": "lr=0.02, seed 1", "theta": THETA}
+    like = {"run": "a fresh run", "theta": jnp.zeros(1)}
+    restored = _load(_saved(saved), like)
+    assert restored["run"] == "lr=0.02, seed 1"
+    np.testing.assert_array_equal(restored["theta"], THETA)
+    # A function leaf (an Equinox module's activation) still comes from `like`.
+    restored = _load(
+        _saved({"f": jnp.tanh, "theta": THETA}), {"f": jnp.sin, "theta": THETA}
+    )
+    assert restored["f"] is jnp.sin

@@ -9,7 +9,7 @@ samples through `jax.vmap`, one sample per DEQ call as the API requires):
    pytree, so it is passed as an argument to a jitted pullback, which alone is
    timed. Bars: Shine / JacobianFree <= 1.5, Shine / one batched VJP of f at z*
    w.r.t. (params, x) <= 1.5 (the floor), Implicit / Shine >= 10 (the SHINE paper's
-   13x was on large CIFAR MDEQs). Also Shine with Broyden memory 10 and 20 (SHINE's
+   13x was on large CIFAR MDEQs). Also Shine with Broyden memory 5, 10 and 20 (SHINE's
    own cost is reading the (B, memory + 1, d) inverse buffers), Shine(refine_steps=r),
    Phantom(5), and Implicit with GMRES (restart 30 and 10) and with fixed-point
    iteration. Accuracy: cosine of each gradient (w.r.t. the layer's parameters and
@@ -71,7 +71,7 @@ with warnings.catch_warnings():
 
 warnings.filterwarnings("ignore", category=DeprecationWarning, module="jaxopt")
 
-MEMORY_SWEEP = (10, 20)  # Broyden memory besides the default 30
+MEMORY_SWEEP = (5, 10, 20)  # Broyden memory besides the default 30
 
 NOTES = """
 Notes:

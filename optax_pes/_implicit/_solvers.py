@@ -18,7 +18,7 @@ from optax_pes._checks import check_float, check_int
 from optax_pes._implicit._flat import FlatFn
 
 # Stop when the best residual has not improved for this many steps...
-_STAGNATION_STEPS = 10
+_STAGNATION_STEPS = 50
 # ...or when the residual exceeds this multiple of the initial one (divergence).
 _DIVERGENCE_FACTOR = 1e4
 
@@ -239,23 +239,25 @@ class Broyden(AbstractSolver):
       B^{-1} \leftarrow B^{-1} + u v^\top .$$
 
     Every $u$ and $v$ lies in the span of the steps taken (each $u$ is parallel to
-    the next step), so the estimate is kept as $B^{-1} = -I + S^\top A S$: the last
-    `memory + 1` steps $S$ in a circular buffer and a small `(memory + 1)`-square
-    matrix $A$; a step reads $S$ twice. This is exactly good Broyden until the buffer
-    is full (`max_steps <= memory`, as by default). After that the oldest step is
-    overwritten and the estimate is projected off it: `memory` updates are kept,
-    their $v$ restricted to the steps still held. A near-zero denominator skips the
-    update. The solve returns the lowest-residual iterate and hands the final
-    $B^{-1}$ to the backward pass (`optax_pes.Shine`) as a `LowRankInverse` with
-    `memory + 1` rows.
+    the next step), so the estimate is kept as $B^{-1} = -I + S^\top A S$: the steps
+    since the start or last restart (at most `memory + 1`) as the rows of $S$ and a
+    small `(memory + 1)`-square matrix $A$;
+    a step reads the filled rows of $S$ twice. This is exactly good Broyden until the
+    buffer is full (`max_steps <= memory`, as by default). Then the method restarts
+    from $B^{-1} = -I$ at the current iterate (SciPy's default `reduction_method`
+    for limited-memory Broyden), so every `memory + 1` steps begin with a plain
+    fixed-point step. A near-zero denominator skips the update. The solve returns
+    the lowest-residual iterate and hands the final $B^{-1}$ to the backward pass
+    (`optax_pes.Shine`) as a `LowRankInverse` with `memory + 1` rows.
 
     **Arguments:**
 
     - `max_steps`: the most iterations.
     - `tol`: stop when $\|g(z)\| \le$ `tol` or $\|g(z)\| \le$ `tol` $\|z\|$.
-    - `memory`: the updates kept (the buffers hold `memory + 1` steps).
+    - `memory`: the updates made before a restart (the buffers hold `memory + 1`
+      steps).
 
-    Also stops when the best residual has not improved for 10 steps (stagnation)
+    Also stops when the best residual has not improved for 50 steps (stagnation)
     or the residual grows 10^4-fold (divergence); `info.converged` tells.
     """
 
@@ -288,7 +290,9 @@ class Broyden(AbstractSolver):
             pad = lambda t: jnp.pad(t, (0, rows - t.shape[0]))  # noqa: E731
             return -g + s.T @ (a @ p), pad(p), pad(a.T @ q)
 
-        inv_g, p, a_q = _on_filled_steps(state.s, state.a, iteration + 1, apply)
+        # Rows 0 .. iteration % rows hold the steps since the last restart.
+        filled = iteration % rows + 1
+        inv_g, p, a_q = _on_filled_steps(state.s, state.a, filled, apply)
         # v = B^-T dz = S^T c with c = A^T S dz - e_slot (dz is row `slot`).
         c = a_q - jax.nn.one_hot(slot, rows, dtype=z.dtype)
         inv_dg = inv_g - state.inv_g
@@ -306,16 +310,19 @@ class Broyden(AbstractSolver):
             & jnp.all(jnp.isfinite(g))
         )
         kappa = jnp.where(ok, kappa, 1)
-        inv_g = kappa * inv_g
         scale = jnp.where(ok, 1 / (kappa * jnp.where(ok, denom, 1)), 0)
-        # The next step goes to row `nxt`, overwriting the oldest once the buffer
-        # is full: the estimate is projected off it (its row and column of A are
-        # zeroed), and the new update is row `nxt` of A.
+        # The next step goes to row `nxt` and the new update is row `nxt` of A.
         keep = 1 - jax.nn.one_hot(nxt, rows, dtype=z.dtype)
         a = state.a.at[nxt].set(_keep(active, scale * c * keep, state.a[nxt]))
-        column = a[:, nxt]
-        wrapped = active & (iteration + 1 >= rows)
-        a = a.at[:, nxt].set(_keep(wrapped, column * (1 - keep), column))
+        # A full buffer restarts from B^-1 = -I (SciPy's default reduction for
+        # limited-memory Broyden): the next step is a fixed-point step, row 0. Rows
+        # left in S are not read, since A's rows and columns for them are zero.
+        # (Dropping only the oldest step instead made the residual wander once the
+        # buffer wrapped; on a layer slow for plain iteration most solves stopped
+        # unconverged.)
+        restart = active & (nxt == 0)
+        a = jnp.where(restart, 0, a)
+        inv_g = jnp.where(restart, -g, kappa * inv_g)
         return _BroydenState(
             _keep(active, z, state.z),
             _keep(active, g, state.g),

@@ -241,9 +241,9 @@ class Broyden(AbstractSolver):
     Every $u$ and $v$ lies in the span of the steps taken (each $u$ is parallel to
     the next step), so the estimate is kept as $B^{-1} = -I + S^\top A S$: the steps
     since the start or last restart (at most `memory + 1`) as the rows of $S$ and a
-    small `(memory + 1)`-square matrix $A$;
-    a step reads the filled rows of $S$ twice. This is exactly good Broyden until the
-    buffer is full (`max_steps <= memory`, as by default). Then the method restarts
+    small `(memory + 1)`-square matrix $A$; a step reads the filled rows of $S$
+    twice. This is exactly good Broyden until the buffer is full
+    (`max_steps <= memory`, as by default). Then the method restarts
     from $B^{-1} = -I$ at the current iterate (SciPy's default `reduction_method`
     for limited-memory Broyden), so every `memory + 1` steps begin with a plain
     fixed-point step. A near-zero denominator skips the update. The solve returns

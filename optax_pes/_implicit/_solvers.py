@@ -12,6 +12,7 @@ import equinox as eqx
 import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from optax_pes._checks import check_float, check_int
@@ -242,7 +243,7 @@ class Broyden(AbstractSolver):
     the next step), so the estimate is kept as $B^{-1} = -I + S^\top A S$: the steps
     since the start or last restart (at most `memory + 1`) as the rows of $S$ and a
     small `(memory + 1)`-square matrix $A$; a step reads the filled rows of $S$
-    twice. This is exactly good Broyden until the buffer is full
+    twice. This is good Broyden (with the safeguard below) until the buffer is full
     (`max_steps <= memory`, as by default). Then the method restarts
     from $B^{-1} = -I$ at the current iterate (SciPy's default `reduction_method`
     for limited-memory Broyden), so every `memory + 1` steps begin with a plain
@@ -250,12 +251,20 @@ class Broyden(AbstractSolver):
     the lowest-residual iterate and hands the final $B^{-1}$ to the backward pass
     (`optax_pes.Shine`) as a `LowRankInverse` with `memory + 1` rows.
 
+    Each update multiplies $\det B$ by $\gamma = \Delta z^\top B^{-1} \Delta g /
+    \|\Delta z\|^2$. Powell's safeguard damps an update with $|\gamma| <$
+    `powell` (replacing $\Delta g$ by $B \Delta z + \theta(\Delta g - B \Delta z)$)
+    so that the factor is exactly $\pm$`powell`: without it a nearly singular $B$
+    gives $B^{-1}$ (and SHINE's gradient) entries hundreds of times too large, and
+    the next step a jump.
+
     **Arguments:**
 
     - `max_steps`: the most iterations.
     - `tol`: stop when $\|g(z)\| \le$ `tol` or $\|g(z)\| \le$ `tol` $\|z\|$.
     - `memory`: the updates made before a restart (the buffers hold `memory + 1`
       steps).
+    - `powell`: Powell's safeguard $\sigma \in [0, 1)$; 0 is plain good Broyden.
 
     Also stops when the best residual has not improved for 50 steps (stagnation)
     or the residual grows 10^4-fold (divergence); `info.converged` tells.
@@ -264,10 +273,18 @@ class Broyden(AbstractSolver):
     max_steps: int = eqx.field(static=True, default=30)
     tol: float = eqx.field(static=True, default=1e-5)
     memory: int = eqx.field(static=True, default=30)
+    powell: float = eqx.field(static=True, default=0.3)
     provides_inverse: ClassVar[bool] = True
 
     def __check_init__(self):
         check_int(self.memory, "memory", 1)
+        message = f"powell must be a float in [0, 1), got {self.powell!r}"
+        if isinstance(self.powell, bool) or not isinstance(
+            self.powell, (int, float, np.integer, np.floating)
+        ):
+            raise TypeError(message)
+        if not 0 <= self.powell < 1:
+            raise ValueError(message)
 
     def init(self, fn, z0):
         rows = self.memory + 1
@@ -297,9 +314,19 @@ class Broyden(AbstractSolver):
         c = a_q - jax.nn.one_hot(slot, rows, dtype=z.dtype)
         inv_dg = inv_g - state.inv_g
         denom = jnp.dot(dz, inv_dg)
+        # Powell's safeguard: the update scales det(B) by gamma = denom / |dz|^2.
+        # Where |gamma| < sigma, B^-1 dg is replaced by theta B^-1 dg + (1 - theta) dz
+        # (B dz + theta (dg - B dz) for dg), which makes that factor exactly
+        # sign(gamma) sigma; dz - B^-1 dg, and so u, only shrink by theta.
+        sigma = self.powell
+        dz2 = jnp.dot(dz, dz)
+        gamma = denom / jnp.where(dz2 == 0, 1, dz2)
+        sign = jnp.where(gamma >= 0, 1, -1).astype(z.dtype)
+        theta = jnp.where(jnp.abs(gamma) < sigma, (1 - sign * sigma) / (1 - gamma), 1)
+        denom = theta * denom + (1 - theta) * dz2
         # The updated inverse applied to g is kappa B^-1 g (u is parallel to B^-1 g):
-        # the next step, and u = (next step) / (kappa * denom).
-        kappa = 1 - jnp.dot(c, p) / jnp.where(denom == 0, 1, denom)
+        # the next step, and u = theta (next step) / (kappa * denom).
+        kappa = 1 - theta * jnp.dot(c, p) / jnp.where(denom == 0, 1, denom)
         eps = jnp.finfo(z.dtype).eps
         tiny = eps * jnp.linalg.norm(dz) * jnp.linalg.norm(inv_dg)
         ok = (
@@ -310,7 +337,7 @@ class Broyden(AbstractSolver):
             & jnp.all(jnp.isfinite(g))
         )
         kappa = jnp.where(ok, kappa, 1)
-        scale = jnp.where(ok, 1 / (kappa * jnp.where(ok, denom, 1)), 0)
+        scale = jnp.where(ok, theta / (kappa * jnp.where(ok, denom, 1)), 0)
         # The next step goes to row `nxt` and the new update is row `nxt` of A.
         keep = 1 - jax.nn.one_hot(nxt, rows, dtype=z.dtype)
         a = state.a.at[nxt].set(_keep(active, scale * c * keep, state.a[nxt]))

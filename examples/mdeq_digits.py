@@ -22,7 +22,7 @@ backward time per minibatch; mean Broyden steps) and saves a figure (default
 `outputs/mdeq_digits.png`): training loss against step per model, and final test
 accuracy.
 
-    python examples/mdeq_digits.py            # about 15 minutes on a 2-core CPU
+    python examples/mdeq_digits.py            # about 5 minutes on a 2-core CPU
     python examples/mdeq_digits.py --quick    # 1 seed, 40 steps: a smoke test
     python examples/mdeq_digits.py --seeds 8 --models shine,jfb,implicit
 """

@@ -197,11 +197,12 @@ def test_broyden_is_dense_good_broyden_restarted_when_full(x64, memory, steps, p
     layer = lambda z: jnp.tanh(a @ z + x)  # noqa: E731
     solver = optax_pes.Broyden(max_steps=steps, tol=1e-14, memory=memory, powell=powell)
     state = solver.init(layer, jnp.zeros(dim))
+    step = jax.jit(lambda state, i: solver.step(layer, state, jnp.asarray(True), i))
     z, h = jnp.zeros(dim), -jnp.eye(dim)
     g = layer(z) - z
     damped = 0
     for i in range(steps):
-        state = solver.step(layer, state, jnp.asarray(True), jnp.asarray(i))
+        state = step(state, jnp.asarray(i))
         dz = -h @ g
         z, g_new = z + dz, layer(z + dz) - (z + dz)
         dg = g_new - g

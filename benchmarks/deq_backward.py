@@ -636,6 +636,12 @@ def forward_solvers(args, layer, memory: int):
         f"optax_pes.Broyden(m={memory})": ours(
             optax_pes.Broyden(max_steps=steps_max, tol=ours_tol, memory=memory)
         ),
+        # Without Powell's safeguard (the default before it), side by side.
+        f"optax_pes.Broyden(m={memory}, powell=0)": ours(
+            optax_pes.Broyden(
+                max_steps=steps_max, tol=ours_tol, memory=memory, powell=0.0
+            )
+        ),
         **{
             f"optax_pes.Broyden(m={m})": ours(
                 optax_pes.Broyden(max_steps=steps_max, tol=ours_tol, memory=m)

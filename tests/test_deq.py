@@ -130,7 +130,8 @@ class Linear(eqx.Module):
 
 
 def _broyden_on_linear(a, x, max_steps, memory=None):
-    solver = optax_pes.Broyden(max_steps, 1e-12, memory or max_steps)
+    # powell=0: the plain update, whose secant equations the tests below check.
+    solver = optax_pes.Broyden(max_steps, 1e-12, memory or max_steps, powell=0.0)
     layer = lambda z: a @ z + x  # noqa: E731
     state = solver.init(layer, jnp.zeros_like(x))
     steps = []
@@ -152,7 +153,7 @@ def test_shine_applies_the_inverse_transposed(x64):
     a = a + 0.3 * jnp.eye(dim)  # non-symmetric, spectral radius 0.3
     x = jax.random.normal(jax.random.key(1), (dim,))
     cotangent = jax.random.normal(jax.random.key(2), (dim,))
-    solver = optax_pes.Broyden(max_steps=4, tol=1e-12, memory=4)
+    solver = optax_pes.Broyden(max_steps=4, tol=1e-12, memory=4, powell=0.0)
     _, g_x = deq_gradients(Linear(a), x, cotangent, optax_pes.Shine(), solver)
     inverse, _ = _broyden_on_linear(a, x, 4)
     transposed = -inverse.as_matrix().T @ cotangent
@@ -180,9 +181,19 @@ def test_broyden_inverse_matches_true_inverse_along_explored_directions(x64):
         assert error < 0.5 * error0
 
 
-@pytest.mark.parametrize("powell", [0.0, 0.9])
-@pytest.mark.parametrize("memory, steps", [(7, 7), (3, 14)])
-def test_broyden_is_dense_good_broyden_restarted_when_full(x64, memory, steps, powell):
+@pytest.mark.parametrize(
+    "spectrum, memory, steps, powell",
+    [
+        ("contractive", 7, 7, 0.0),
+        ("contractive", 3, 14, 0.0),
+        ("contractive", 7, 7, 0.9),
+        ("contractive", 3, 14, 0.9),
+        ("expansive", 4, 14, 0.3),
+    ],
+)
+def test_broyden_is_dense_good_broyden_restarted_when_full(
+    x64, spectrum, memory, steps, powell
+):
     """The compact -I + S^T A S form is the textbook inverse good Broyden: the same
     iterates and, as a dense matrix, the same final estimate, for up to `memory`
     steps (a wrong coefficient, sign or row would show at the first steps); past
@@ -190,9 +201,14 @@ def test_broyden_is_dense_good_broyden_restarted_when_full(x64, memory, steps, p
     steps (SciPy's 'restart' reduction; a stale row read after a restart, or a
     missed reset, would show over the three restarts of (3, 14)). With Powell's
     safeguard, an update that would scale det(B) by |gamma| < powell uses
-    B dz + theta (dg - B dz) for dg, which scales it by exactly +-powell."""
+    B dz + theta (dg - B dz) for dg, which scales it by exactly +-powell; the
+    expansive layer has negative gammas both below and above powell in size."""
     dim = 7
-    a = 0.8 * jnp.linalg.qr(jax.random.normal(jax.random.key(5), (dim, dim)))[0]
+    q = jnp.linalg.qr(jax.random.normal(jax.random.key(5), (dim, dim)))[0]
+    if spectrum == "contractive":
+        a = 0.8 * q
+    else:  # symmetric, eigenvalues 1.1 .. 1.8
+        a = (q * jnp.linspace(1.1, 1.8, dim)[None]) @ q.T
     x = jax.random.normal(jax.random.key(6), (dim,))
     layer = lambda z: jnp.tanh(a @ z + x)  # noqa: E731
     solver = optax_pes.Broyden(max_steps=steps, tol=1e-14, memory=memory, powell=powell)
@@ -200,7 +216,7 @@ def test_broyden_is_dense_good_broyden_restarted_when_full(x64, memory, steps, p
     step = jax.jit(lambda state, i: solver.step(layer, state, jnp.asarray(True), i))
     z, h = jnp.zeros(dim), -jnp.eye(dim)
     g = layer(z) - z
-    damped = 0
+    damped, kept = [], []
     for i in range(steps):
         state = step(state, jnp.asarray(i))
         dz = -h @ g
@@ -208,10 +224,11 @@ def test_broyden_is_dense_good_broyden_restarted_when_full(x64, memory, steps, p
         dg = g_new - g
         # det(B_new) / det(B) of the plain update, in the dense inverse form.
         gamma = (dz @ h @ dg) / (dz @ dz)
+        (damped if abs(gamma) < powell else kept).append(float(gamma))
         if abs(gamma) < powell:
             theta = (1 - np.sign(gamma) * powell) / (1 - gamma)
             dg = theta * dg + (1 - theta) * jnp.linalg.solve(h, dz)
-            gamma, damped = np.sign(gamma) * powell, damped + 1
+            gamma = np.sign(gamma) * powell
         h_new = h + jnp.outer(dz - h @ dg, dz @ h) / (dz @ h @ dg)
         np.testing.assert_allclose(jnp.linalg.det(h) / jnp.linalg.det(h_new), gamma)
         h, g = h_new, g_new
@@ -222,8 +239,11 @@ def test_broyden_is_dense_good_broyden_restarted_when_full(x64, memory, steps, p
     np.testing.assert_allclose(
         solver.inverse(state).as_matrix(), h, rtol=1e-8, atol=1e-10
     )
-    # The safeguard fired (this layer at powell 0.9), or was off.
-    assert (damped > 0) == (powell > 0)
+    # The safeguard fired, or was off; on the expansive layer also for a negative
+    # gamma, and it left alone a negative gamma larger than powell in size.
+    assert bool(damped) == (powell > 0)
+    if spectrum == "expansive":
+        assert min(damped) < 0 and min(kept) < -powell
 
 
 def _slow_for_plain_iteration(dim=64, top=0.99):
@@ -254,6 +274,18 @@ def test_broyden_converges_where_plain_iteration_is_slow(memory):
     assert bool(jnp.all(plain.converged)) and float(jnp.mean(plain.steps)) > 300
     assert bool(jnp.all(broyden.converged))
     assert float(jnp.mean(broyden.steps)) < 0.3 * float(jnp.mean(plain.steps))
+
+
+def test_broyden_keeps_float32_with_a_numpy_float64_powell(x64):
+    # Before: with 64-bit floats enabled, np.float64(0.3) promoted theta and the
+    # next step to float64, and the while loop's carry changed dtype (TypeError).
+    solver = optax_pes.Broyden(max_steps=20, tol=1e-5, powell=np.float64(0.3))
+    deq = optax_pes.DEQ(
+        lambda z, x: jnp.tanh(0.5 * z + x), solver=solver, adjoint=optax_pes.Shine()
+    )
+    x = jnp.linspace(-1, 1, 5, dtype=jnp.float32)
+    z, info = deq.solve(x, jnp.zeros(5, jnp.float32))
+    assert z.dtype == jnp.float32 and bool(info.converged)
 
 
 def test_broyden_memory_is_fixed_size():

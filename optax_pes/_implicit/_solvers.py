@@ -228,6 +228,14 @@ def _on_filled_steps(s, a, rows, apply):
     return jax.lax.switch(index, [branch(r) for r in blocks], s, a)
 
 
+def _python_float(value: Any) -> Any:
+    """A numpy number as a Python float (a static field that keeps z's dtype and
+    hashes as a number); anything else unchanged, for `__check_init__` to judge."""
+    if isinstance(value, (np.floating, np.integer)) and not isinstance(value, np.bool_):
+        return float(value)
+    return value
+
+
 class Broyden(AbstractSolver):
     r"""Good Broyden's method with a low-rank inverse kept in fixed-size buffers.
 
@@ -273,7 +281,7 @@ class Broyden(AbstractSolver):
     max_steps: int = eqx.field(static=True, default=30)
     tol: float = eqx.field(static=True, default=1e-5)
     memory: int = eqx.field(static=True, default=30)
-    powell: float = eqx.field(static=True, default=0.3)
+    powell: float = eqx.field(static=True, default=0.3, converter=_python_float)
     provides_inverse: ClassVar[bool] = True
 
     def __check_init__(self):
@@ -317,7 +325,8 @@ class Broyden(AbstractSolver):
         # Powell's safeguard: the update scales det(B) by gamma = denom / |dz|^2.
         # Where |gamma| < sigma, B^-1 dg is replaced by theta B^-1 dg + (1 - theta) dz
         # (B dz + theta (dg - B dz) for dg), which makes that factor exactly
-        # sign(gamma) sigma; dz - B^-1 dg, and so u, only shrink by theta.
+        # sign(gamma) sigma; dz - B^-1 dg is scaled by theta, so u keeps its
+        # direction (parallel to the next step).
         sigma = self.powell
         dz2 = jnp.dot(dz, dz)
         gamma = denom / jnp.where(dz2 == 0, 1, dz2)

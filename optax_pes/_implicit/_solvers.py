@@ -276,6 +276,20 @@ class Broyden(AbstractSolver):
 
     Also stops when the best residual has not improved for 50 steps (stagnation)
     or the residual grows 10^4-fold (divergence); `info.converged` tells.
+
+    **Example:**
+
+    ```python
+    >>> import jax.numpy as jnp
+    >>> import optax_pes
+    >>> solver = optax_pes.Broyden(max_steps=30, tol=1e-6, memory=10)
+    >>> deq = optax_pes.DEQ(lambda z, x: jnp.tanh(0.9 * z + x), solver=solver)
+    >>> x = jnp.array([0.5, -1.0, 2.0])
+    >>> z, info = deq.solve(x, jnp.zeros(3))
+    >>> bool(info.converged), bool(jnp.allclose(z, jnp.tanh(0.9 * z + x), atol=1e-5))
+    (True, True)
+
+    ```
     """
 
     max_steps: int = eqx.field(static=True, default=30)

@@ -57,10 +57,15 @@ def check_float(
     low: float = 0.0,
     high: float | None = None,
     low_inclusive: bool = False,
+    high_inclusive: bool = True,
 ) -> float:
-    """`value` as a finite Python float above `low` (and at most `high`)."""
+    """`value` as a finite Python float above `low` (and at most `high`, or below it
+    with `high_inclusive=False`)."""
     if high is not None:
-        bound = f"a float in {'[' if low_inclusive else '('}{low}, {high}]"
+        bound = (
+            f"a float in {'[' if low_inclusive else '('}{low}, {high}"
+            f"{']' if high_inclusive else ')'}"
+        )
     elif low == 0 and not low_inclusive:
         bound = "a positive float"
     else:
@@ -71,7 +76,8 @@ def check_float(
         raise TypeError(f"{name} must be {bound}, got {value!r}")
     value = float(value)
     above = value >= low if low_inclusive else value > low
-    if not (np.isfinite(value) and above and (high is None or value <= high)):
+    below = high is None or (value <= high if high_inclusive else value < high)
+    if not (np.isfinite(value) and above and below):
         raise ValueError(f"{name} must be {bound}, got {value!r}")
     return value
 

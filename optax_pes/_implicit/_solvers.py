@@ -300,13 +300,14 @@ class Broyden(AbstractSolver):
 
     def __check_init__(self):
         check_int(self.memory, "memory", 1)
-        message = f"powell must be a float in [0, 1), got {self.powell!r}"
-        if isinstance(self.powell, bool) or not isinstance(
-            self.powell, (int, float, np.integer, np.floating)
-        ):
-            raise TypeError(message)
-        if not 0 <= self.powell < 1:
-            raise ValueError(message)
+        check_float(
+            self.powell,
+            "powell",
+            low=0,
+            high=1,
+            low_inclusive=True,
+            high_inclusive=False,
+        )
 
     def init(self, fn, z0):
         rows = self.memory + 1
@@ -351,7 +352,7 @@ class Broyden(AbstractSolver):
         # the next step, and u = theta (next step) / (kappa * denom).
         kappa = 1 - theta * jnp.dot(c, p) / jnp.where(denom == 0, 1, denom)
         eps = jnp.finfo(z.dtype).eps
-        tiny = eps * jnp.linalg.norm(dz) * jnp.linalg.norm(inv_dg)
+        tiny = eps * jnp.sqrt(dz2) * jnp.linalg.norm(inv_dg)
         ok = (
             jnp.isfinite(denom)
             & (jnp.abs(denom) > tiny)

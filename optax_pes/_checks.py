@@ -50,6 +50,16 @@ def concrete_number(value: Any) -> Any:
     return value
 
 
+def python_float(value: Any) -> Any:
+    """A numpy number as a Python float, anything else unchanged (for the checks to
+    judge): the converter of the solvers' and adjoints' static float fields. A
+    `np.float64` setting would otherwise promote a float32 state to float64 under
+    `jax_enable_x64` (and be stored as an array in a static field)."""
+    if isinstance(value, (np.floating, np.integer)) and not isinstance(value, np.bool_):
+        return float(value)
+    return value
+
+
 def check_float(
     value: Any,
     name: str,

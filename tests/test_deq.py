@@ -276,16 +276,40 @@ def test_broyden_converges_where_plain_iteration_is_slow(memory):
     assert float(jnp.mean(broyden.steps)) < 0.3 * float(jnp.mean(plain.steps))
 
 
-def test_broyden_keeps_float32_with_a_numpy_float64_powell(x64):
-    # Before: with 64-bit floats enabled, np.float64(0.3) promoted theta and the
-    # next step to float64, and the while loop's carry changed dtype (TypeError).
-    solver = optax_pes.Broyden(max_steps=20, tol=1e-5, powell=np.float64(0.3))
+@pytest.mark.parametrize(
+    "solver, adjoint",
+    [
+        (optax_pes.Broyden(max_steps=20, powell=np.float64(0.3)), optax_pes.Shine()),
+        (optax_pes.FixedPoint(damping=np.float64(0.9)), optax_pes.JacobianFree()),
+        (
+            optax_pes.Anderson(damping=np.float64(0.9), ridge=np.float64(1e-4)),
+            optax_pes.JacobianFree(),
+        ),
+        (
+            optax_pes.Broyden(tol=np.float64(1e-5)),
+            optax_pes.Phantom(k=3, damping=np.float64(0.5)),
+        ),
+        (
+            optax_pes.Broyden(),
+            optax_pes.Shine(
+                refine_steps=2, fallback=True, fallback_threshold=np.float64(2)
+            ),
+        ),
+        (optax_pes.Broyden(), optax_pes.Implicit(tol=np.float64(1e-5))),
+    ],
+)
+def test_numpy_float64_settings_keep_a_float32_state(x64, solver, adjoint):
+    # Before: with 64-bit floats enabled, a np.float64 setting (Broyden's powell,
+    # a damping, ...) promoted the iterate or w to float64, and the while loop's
+    # carry changed dtype (TypeError / ValueError).
     deq = optax_pes.DEQ(
-        lambda z, x: jnp.tanh(0.5 * z + x), solver=solver, adjoint=optax_pes.Shine()
+        lambda z, x: jnp.tanh(0.5 * z + x), solver=solver, adjoint=adjoint
     )
     x = jnp.linspace(-1, 1, 5, dtype=jnp.float32)
     z, info = deq.solve(x, jnp.zeros(5, jnp.float32))
     assert z.dtype == jnp.float32 and bool(info.converged)
+    grad = jax.grad(lambda x: deq(x, jnp.zeros(5, jnp.float32)).sum())(x)
+    assert grad.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(grad)))
 
 
 def test_broyden_memory_is_fixed_size():

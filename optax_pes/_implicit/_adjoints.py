@@ -35,7 +35,7 @@ from jax.custom_derivatives import SymbolicZero
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Bool, Float, PyTree
 
-from optax_pes._checks import check_choice, check_float, check_int
+from optax_pes._checks import check_choice, check_float, check_int, python_float
 from optax_pes._implicit._flat import FlatFn, flat_layer, flat_vjp
 from optax_pes._implicit._solvers import AbstractSolver, LowRankInverse
 from optax_pes._tree import stop_gradient
@@ -89,7 +89,7 @@ class Phantom(AbstractAdjoint):
     """
 
     k: int = eqx.field(static=True, default=5)
-    damping: float = eqx.field(static=True, default=0.5)
+    damping: float = eqx.field(static=True, default=0.5, converter=python_float)
     needs_inverse = False
 
     def __check_init__(self):
@@ -170,7 +170,9 @@ class Shine(_AbstractCotangentAdjoint):
 
     refine_steps: int = eqx.field(static=True, default=0)
     fallback: bool = eqx.field(static=True, default=False)
-    fallback_threshold: float = eqx.field(static=True, default=1.8)
+    fallback_threshold: float = eqx.field(
+        static=True, default=1.8, converter=python_float
+    )
     refine_solver: Literal["fixed_point", "gmres"] = eqx.field(
         static=True, default="fixed_point"
     )
@@ -276,7 +278,7 @@ class Implicit(_AbstractCotangentAdjoint):
     """
 
     max_steps: int = eqx.field(static=True, default=100)
-    tol: float = eqx.field(static=True, default=1e-6)
+    tol: float = eqx.field(static=True, default=1e-6, converter=python_float)
     # Static, like every other setting: a DEQ's pytree leaves are its arrays only,
     # so plain `jax.jit` / `jax.grad` and `optax`'s `init` take the module as is.
     linear_solver: Literal["gmres", "fixed_point"] | lx.AbstractLinearSolver = (

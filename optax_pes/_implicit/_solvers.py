@@ -12,10 +12,9 @@ import equinox as eqx
 import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from optax_pes._checks import check_float, check_int
+from optax_pes._checks import check_float, check_int, python_float
 from optax_pes._implicit._flat import FlatFn
 
 # Stop when the best residual has not improved for this many steps...
@@ -228,14 +227,6 @@ def _on_filled_steps(s, a, rows, apply):
     return jax.lax.switch(index, [branch(r) for r in blocks], s, a)
 
 
-def _python_float(value: Any) -> Any:
-    """A numpy number as a Python float (a static field that keeps z's dtype and
-    hashes as a number); anything else unchanged, for `__check_init__` to judge."""
-    if isinstance(value, (np.floating, np.integer)) and not isinstance(value, np.bool_):
-        return float(value)
-    return value
-
-
 class Broyden(AbstractSolver):
     r"""Good Broyden's method with a low-rank inverse kept in fixed-size buffers.
 
@@ -293,9 +284,9 @@ class Broyden(AbstractSolver):
     """
 
     max_steps: int = eqx.field(static=True, default=30)
-    tol: float = eqx.field(static=True, default=1e-5)
+    tol: float = eqx.field(static=True, default=1e-5, converter=python_float)
     memory: int = eqx.field(static=True, default=30)
-    powell: float = eqx.field(static=True, default=0.3, converter=_python_float)
+    powell: float = eqx.field(static=True, default=0.3, converter=python_float)
     provides_inverse: ClassVar[bool] = True
 
     def __check_init__(self):
@@ -414,10 +405,10 @@ class Anderson(AbstractSolver):
     """
 
     max_steps: int = eqx.field(static=True, default=30)
-    tol: float = eqx.field(static=True, default=1e-5)
+    tol: float = eqx.field(static=True, default=1e-5, converter=python_float)
     memory: int = eqx.field(static=True, default=5)
-    damping: float = eqx.field(static=True, default=1.0)
-    ridge: float = eqx.field(static=True, default=1e-4)
+    damping: float = eqx.field(static=True, default=1.0, converter=python_float)
+    ridge: float = eqx.field(static=True, default=1e-4, converter=python_float)
 
     def __check_init__(self):
         check_int(self.memory, "memory", 1)
@@ -475,8 +466,8 @@ class FixedPoint(AbstractSolver):
     """
 
     max_steps: int = eqx.field(static=True, default=100)
-    tol: float = eqx.field(static=True, default=1e-5)
-    damping: float = eqx.field(static=True, default=1.0)
+    tol: float = eqx.field(static=True, default=1e-5, converter=python_float)
+    damping: float = eqx.field(static=True, default=1.0, converter=python_float)
 
     def __check_init__(self):
         check_float(self.damping, "damping", high=1.0)

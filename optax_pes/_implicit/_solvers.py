@@ -45,7 +45,8 @@ def _row_blocks(memory: int) -> tuple[int, ...]:
 class LowRankInverse(eqx.Module):
     r"""Broyden's inverse-Jacobian estimate $B^{-1} = -I + U^\top V$ of $g = f - I$.
 
-    The rows of `u` and `v` pair up into its rank-one terms (unused rows are zero);
+    The rows of `u` and `v` pair up into its rank-one terms (an unused row of `u`
+    is zero);
     applying it, or its transpose, costs $O(\text{rows} \times d)$. (`Broyden` hands
     its estimate over in this form, with `memory + 1` rows; an apply reads every row:
     under `jax.vmap` a slice of the batched buffers is a copy, which costs SHINE's
@@ -205,9 +206,12 @@ class _BroydenState(NamedTuple):
     z: jax.Array  # shape=(d,), z's dtype: the current iterate
     g: jax.Array  # shape=(d,), z's dtype: `fn(z) - z`
     inv_g: jax.Array  # shape=(d,), z's dtype: `B^-1 g`; the next step is -inv_g
-    s: jax.Array  # shape=(memory + 1, d), z's dtype: the steps, one a row (unused: 0)
+    s: jax.Array  # shape=(memory + 1, d), z's dtype: the steps, one a row
     a: jax.Array  # shape=(memory + 1, memory + 1), z's dtype: B^-1 = -I + S^T A S
-    # (Step i takes the step in row i % (memory + 1) and writes the next one after it.)
+    filled: jax.Array  # shape=(), int32: rows of s and a in use since the last restart
+    # (Step i takes the step in row i % (memory + 1) and writes the next one after it.
+    # Rows from `filled` on are stale, left by the cycle before a restart or zero, and
+    # never read: row i of a, written after the restart, is zero from column i on.)
 
 
 def _on_filled_steps(s, a, rows, apply):
@@ -219,7 +223,7 @@ def _on_filled_steps(s, a, rows, apply):
     reads repay."""
     blocks = _row_blocks(s.shape[0])
     rows = eqxi.unvmap_max(jnp.minimum(rows, s.shape[0]))
-    index = jnp.searchsorted(jnp.asarray(blocks), rows)
+    index = jnp.sum(jnp.asarray(blocks[:-1]) < rows)  # (searchsorted: a loop)
 
     def branch(r):
         return lambda s, a: apply(s[:r], a[:r, :r])
@@ -305,7 +309,8 @@ class Broyden(AbstractSolver):
         g = fn(z0) - z0
         # The first step, -B^-1 g = g, is row 0; A = 0 is B^-1 = -I.
         s = jnp.zeros((rows,) + z0.shape, z0.dtype).at[0].set(g)
-        return _BroydenState(z0, g, -g, s, jnp.zeros((rows, rows), z0.dtype))
+        a = jnp.zeros((rows, rows), z0.dtype)
+        return _BroydenState(z0, g, -g, s, a, jnp.ones((), jnp.int32))
 
     def step(self, fn, state, active, iteration):
         rows = self.memory + 1
@@ -314,15 +319,20 @@ class Broyden(AbstractSolver):
         z = state.z + dz
         g = fn(z) - z
 
+        # Rows 0 .. iteration % rows hold the steps since the last restart (for an
+        # active sample; an inactive one's results are discarded).
+        filled = iteration % rows + 1
+
         def apply(s, a):
             # S g and S dz (two matrix-vector products: a (r, d) @ (d, 2) product
-            # is a slow path on XLA:CPU), then B^-1 g = -g + S^T (A S g).
-            p, q = s @ g, s @ dz
+            # is a slow path on XLA:CPU), then B^-1 g = -g + S^T (A S g). Stale rows
+            # are masked out of A S g and S dz; A's columns for them are zero in the
+            # rows in use, so S g needs no mask.
+            in_use = (jnp.arange(s.shape[0]) < filled).astype(s.dtype)
+            p, q = s @ g, (s @ dz) * in_use
             pad = lambda t: jnp.pad(t, (0, rows - t.shape[0]))  # noqa: E731
-            return -g + s.T @ (a @ p), pad(p), pad(a.T @ q)
+            return -g + s.T @ ((a @ p) * in_use), pad(p), pad(a.T @ q)
 
-        # Rows 0 .. iteration % rows hold the steps since the last restart.
-        filled = iteration % rows + 1
         inv_g, p, a_q = _on_filled_steps(state.s, state.a, filled, apply)
         # v = B^-T dz = S^T c with c = A^T S dz - e_slot (dz is row `slot`).
         c = a_q - jax.nn.one_hot(slot, rows, dtype=z.dtype)
@@ -353,17 +363,18 @@ class Broyden(AbstractSolver):
         )
         kappa = jnp.where(ok, kappa, 1)
         scale = jnp.where(ok, theta / (kappa * jnp.where(ok, denom, 1)), 0)
-        # The next step goes to row `nxt` and the new update is row `nxt` of A.
-        keep = 1 - jax.nn.one_hot(nxt, rows, dtype=z.dtype)
-        a = state.a.at[nxt].set(_keep(active, scale * c * keep, state.a[nxt]))
         # A full buffer restarts from B^-1 = -I (SciPy's default reduction for
-        # limited-memory Broyden): the next step is a fixed-point step, row 0. Rows
-        # left in S are not read, since A's rows and columns for them are zero.
-        # (Dropping only the oldest step instead made the residual wander once the
-        # buffer wrapped; on a layer slow for plain iteration most solves stopped
-        # unconverged.)
-        restart = active & (nxt == 0)
-        a = jnp.where(restart, 0, a)
+        # limited-memory Broyden): the next step is a fixed-point step, row 0, and
+        # A's row 0 is zero. The rows past it are stale until rewritten; they are
+        # not read, so the restart writes one row, not all of A (a select over the
+        # whole (batch, rows, rows) A, and the copy XLA added after it, made every
+        # step ~20 % slower at memory 30). (Dropping only the oldest step instead
+        # made the residual wander once the buffer wrapped; on a layer slow for
+        # plain iteration most solves stopped unconverged.)
+        restart = nxt == 0
+        # The next step goes to row `nxt` and the new update is row `nxt` of A.
+        keep = jnp.where(restart, 0, 1 - jax.nn.one_hot(nxt, rows, dtype=z.dtype))
+        a = state.a.at[nxt].set(_keep(active, scale * c * keep, state.a[nxt]))
         inv_g = jnp.where(restart, -g, kappa * inv_g)
         return _BroydenState(
             _keep(active, z, state.z),
@@ -371,11 +382,15 @@ class Broyden(AbstractSolver):
             _keep(active, inv_g, state.inv_g),
             state.s.at[nxt].set(_keep(active, -inv_g, state.s[nxt])),
             a,
+            _keep(active, nxt + 1, state.filled),
         )
 
     def inverse(self, state):
-        # -I + S^T A S = -I + U^T V with U = A^T S, V = S.
-        return LowRankInverse(state.a.T @ state.s, state.s)
+        # -I + S^T A S = -I + U^T V with U = A^T S, V = S, A's stale rows zeroed
+        # (their columns are zero in the rows in use).
+        rows = state.a.shape[0]
+        a = state.a * (jnp.arange(rows) < state.filled)[:, None].astype(state.a.dtype)
+        return LowRankInverse(a.T @ state.s, state.s)
 
 
 # --------------------------------------------------------------------- Anderson ----

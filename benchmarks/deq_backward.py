@@ -42,7 +42,9 @@ on a layer slow for plain iteration (`--skip-slow` to leave it out): symmetric W
 eigenvalues spread over [-0.99, 0.99] and a small input, near-linear at z* (spectral
 radius ~0.99), up to 1000 steps each.
 Timing: everything jitted, warmed up, `block_until_ready`, candidates interleaved
-round-robin, median of `--repeats` calls; float32.
+round-robin in a rotating order, median of `--repeats` calls; float32. The forward
+solvers that build dense Jacobians or take 20-100x longer (jaxopt's Broyden,
+optimistix's Chord and Newton) are timed in a group of their own.
 
     python benchmarks/deq_backward.py            # d=256, B=256, 2 layers (< 10 min)
     python benchmarks/deq_backward.py --quick    # d=128, B=64, 1 layer (< 1 min)
@@ -102,8 +104,9 @@ Notes:
 
 
 def interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    """Median seconds per call of each (compiled) thunk, warmed up, round-robin."""
-    return medians(compare(of_thunks(fns), repeats, rotate=False))
+    """Median seconds per call of each (compiled) thunk, warmed up, round-robin in
+    an order that rotates every round (no candidate always follows the same one)."""
+    return medians(compare(of_thunks(fns), repeats))
 
 
 # ----------------------------------------------------------------- backward ------
@@ -664,6 +667,9 @@ def forward_solvers(args, layer, memory: int):
     return {k: jax.jit(jax.vmap(f)) for k, f in fns.items()}
 
 
+HEAVY_SOLVERS = ("jaxopt.Broyden", "optx.Chord", "optx.Newton")
+
+
 def forward_section(args, layer, xs, z0s, zs_exact, exclude=()):
     tols = args.tol * jnp.maximum(1.0, jnp.linalg.norm(zs_exact, axis=-1))
     fns = forward_solvers(args, layer, memory=30)
@@ -679,10 +685,15 @@ def forward_section(args, layer, xs, z0s, zs_exact, exclude=()):
             "ok": float(jnp.mean(res <= 1.01 * tols)),
             "res": float(jnp.median(res / tols)),
         }
-    times = interleaved(
-        {k: (lambda f=f: f(xs, z0s, tols)) for k, f in fns.items()},
-        max(5, args.repeats // 3),
-    )
+    # The solvers that build dense (batch, d, d) Jacobians or run 20-100x longer are
+    # timed apart: interleaved with them, the solvers with the largest buffers
+    # (Broyden at memory 30) read 1.3-1.7x their time alone, whatever the order.
+    thunks = {k: (lambda f=f: f(xs, z0s, tols)) for k, f in fns.items()}
+    heavy = {k: t for k, t in thunks.items() if k.startswith(HEAVY_SOLVERS)}
+    light = {k: t for k, t in thunks.items() if k not in heavy}
+    times = interleaved(light, max(5, args.repeats // 3))
+    if heavy:
+        times |= interleaved(heavy, max(3, args.repeats // 10))
     return rows, times
 
 

@@ -433,6 +433,41 @@ def test_batched_solve_indexes_history_rows_by_the_loop(solver):
         np.testing.assert_allclose(batched[i], one(xs[i]), rtol=1e-5, atol=1e-6)
 
 
+def test_batched_inverse_is_each_samples_own_across_restarts(x64):
+    """Under vmap a sample that stops keeps its inverse estimate while the others
+    run on, through restarts: the batched solve hands each sample the estimate its
+    own solve ends with. (A restart leaves the previous cycle's rows in the buffers,
+    masked by each sample's count of rows in use; a mask from the loop's count, or
+    none, would mix stale rows into the samples that stopped earlier.)"""
+    dim, memory = 6, 2
+    q = jnp.linalg.qr(jax.random.normal(jax.random.key(7), (dim, dim)))[0]
+    w = (q * jnp.linspace(-0.9, 0.9, dim)[None]) @ q.T  # slow for plain iteration
+    layer = lambda z, x: jnp.tanh(w @ z + x)  # noqa: E731
+    xs = (
+        jax.random.normal(jax.random.key(8), (7, dim))
+        * jnp.linspace(0.01, 2, 7)[:, None]
+    )
+    # (tol 1e-7: at a tolerance near rounding the last update's denominator is a
+    # difference of nearly equal steps, and the batched and single solves' 1e-16
+    # differences in z grow to 3e-7 in that row of A.)
+    solver = optax_pes.Broyden(max_steps=60, tol=1e-7, memory=memory)
+
+    def one(x):
+        z, info, inverse = solve(solver, lambda z: layer(z, x), jnp.zeros(dim))
+        return z, info.steps, inverse.as_matrix()
+
+    z, steps, inverses = jax.vmap(one)(xs)
+    rows = memory + 1
+    # Samples stop at different points of a cycle, after at least one restart.
+    assert int(steps.min()) > rows and len(set((np.asarray(steps) % rows).tolist())) > 1
+    assert len(set(np.asarray(steps).tolist())) > 2
+    for i in range(len(xs)):
+        z_i, steps_i, inverse_i = one(xs[i])
+        assert int(steps_i) == int(steps[i])
+        np.testing.assert_allclose(z[i], z_i, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(inverses[i], inverse_i, rtol=1e-7, atol=1e-8)
+
+
 class Scaled(eqx.Module):
     """z <- s z + x with a per-sample contraction s = x[0] (J = s I)."""
 

@@ -216,11 +216,11 @@ class _BroydenState(NamedTuple):
 
 def _on_filled_steps(s, a, rows, apply):
     """`apply(s, a)` on the smallest leading block of rows (of `s`, and of `a`'s
-    rows and columns) that holds the `rows` filled ones; rows past `rows` must be
-    zero. `rows` is reduced over a `jax.vmap` batch (the batch's largest), so the
-    choice of block is a real branch, not a select that runs every block. Under
-    vmap the slice of a (batch, rows, d) buffer is a copy, which the step's two
-    reads repay."""
+    rows and columns) that holds the `rows` filled ones; the block's rows past
+    `rows` may be stale, and `apply` masks them. `rows` is reduced over a `jax.vmap`
+    batch (the batch's largest), so the choice of block is a real branch, not a
+    select that runs every block. Under vmap the slice of a (batch, rows, d) buffer
+    is a copy, which the step's two reads repay."""
     blocks = _row_blocks(s.shape[0])
     rows = eqxi.unvmap_max(jnp.minimum(rows, s.shape[0]))
     index = jnp.sum(jnp.asarray(blocks[:-1]) < rows)  # (searchsorted: a loop)
@@ -363,18 +363,25 @@ class Broyden(AbstractSolver):
         )
         kappa = jnp.where(ok, kappa, 1)
         scale = jnp.where(ok, theta / (kappa * jnp.where(ok, denom, 1)), 0)
+        # A's new row; an update whose row overflowed is skipped like one with a
+        # near-zero denominator, so A only ever holds finite rows (the masks below
+        # multiply stale rows by zero).
+        row = scale * c
+        finite = jnp.all(jnp.isfinite(row))
+        kappa = jnp.where(finite, kappa, 1)
         # A full buffer restarts from B^-1 = -I (SciPy's default reduction for
         # limited-memory Broyden): the next step is a fixed-point step, row 0, and
         # A's row 0 is zero. The rows past it are stale until rewritten; they are
         # not read, so the restart writes one row, not all of A (a select over the
-        # whole (batch, rows, rows) A, and the copy XLA added after it, made every
-        # step ~20 % slower at memory 30). (Dropping only the oldest step instead
+        # whole (batch, rows, rows) A, and the copy XLA added after it, made a solve
+        # 9-11 % slower at memory 30). (Dropping only the oldest step instead
         # made the residual wander once the buffer wrapped; on a layer slow for
         # plain iteration most solves stopped unconverged.)
         restart = nxt == 0
         # The next step goes to row `nxt` and the new update is row `nxt` of A.
-        keep = jnp.where(restart, 0, 1 - jax.nn.one_hot(nxt, rows, dtype=z.dtype))
-        a = state.a.at[nxt].set(_keep(active, scale * c * keep, state.a[nxt]))
+        keep = 1 - jax.nn.one_hot(nxt, rows, dtype=z.dtype)
+        row = jnp.where(restart | ~finite, 0, row * keep)
+        a = state.a.at[nxt].set(_keep(active, row, state.a[nxt]))
         inv_g = jnp.where(restart, -g, kappa * inv_g)
         return _BroydenState(
             _keep(active, z, state.z),
@@ -382,7 +389,7 @@ class Broyden(AbstractSolver):
             _keep(active, inv_g, state.inv_g),
             state.s.at[nxt].set(_keep(active, -inv_g, state.s[nxt])),
             a,
-            _keep(active, nxt + 1, state.filled),
+            _keep(active, (nxt + 1).astype(jnp.int32), state.filled),
         )
 
     def inverse(self, state):

@@ -246,8 +246,9 @@ class Broyden(AbstractSolver):
     the next step), so the estimate is kept as $B^{-1} = -I + S^\top A S$: the steps
     since the start or last restart (at most `memory + 1`) as the rows of $S$ and a
     small `(memory + 1)`-square matrix $A$; a step reads the filled rows of $S$
-    twice. This is good Broyden (with the safeguard below) until the buffer is full
-    (`max_steps <= memory`, as by default). Then the method restarts
+    three times ($S g$, $S \Delta z$, $S^\top (A S g)$). This is good Broyden
+    (with the safeguard below) until the buffer is full (`max_steps <= memory`, as
+    by default). Then the method restarts
     from $B^{-1} = -I$ at the current iterate (SciPy's default `reduction_method`
     for limited-memory Broyden), so every `memory + 1` steps begin with a plain
     fixed-point step. A near-zero denominator skips the update. The solve returns

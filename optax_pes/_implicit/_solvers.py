@@ -251,9 +251,10 @@ class Broyden(AbstractSolver):
     by default). Then the method restarts
     from $B^{-1} = -I$ at the current iterate (SciPy's default `reduction_method`
     for limited-memory Broyden), so every `memory + 1` steps begin with a plain
-    fixed-point step. A near-zero denominator skips the update. The solve returns
-    the lowest-residual iterate and hands the final $B^{-1}$ to the backward pass
-    (`optax_pes.Shine`) as a `LowRankInverse` with `memory + 1` rows.
+    fixed-point step. A near-zero denominator (or an overflow) skips the update.
+    The solve returns the lowest-residual iterate and hands the final $B^{-1}$ to
+    the backward pass (`optax_pes.Shine`) as a `LowRankInverse` with `memory + 1`
+    rows.
 
     Each update multiplies $\det B$ by $\gamma = \Delta z^\top B^{-1} \Delta g /
     \|\Delta z\|^2$. Powell's safeguard damps an update with $|\gamma| <$

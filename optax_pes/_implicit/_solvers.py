@@ -46,11 +46,10 @@ class LowRankInverse(eqx.Module):
     r"""Broyden's inverse-Jacobian estimate $B^{-1} = -I + U^\top V$ of $g = f - I$.
 
     The rows of `u` and `v` pair up into its rank-one terms (an unused row of `u`
-    is zero);
-    applying it, or its transpose, costs $O(\text{rows} \times d)$. (`Broyden` hands
-    its estimate over in this form, with `memory + 1` rows; an apply reads every row:
-    under `jax.vmap` a slice of the batched buffers is a copy, which costs SHINE's
-    one-pass backward more than it saves.)
+    is zero); applying it, or its transpose, costs $O(\text{rows} \times d)$.
+    (`Broyden` hands its estimate over in this form, with `memory + 1` rows; an
+    apply reads every row: under `jax.vmap` a slice of the batched buffers is a copy,
+    which costs SHINE's one-pass backward more than it saves.)
     """
 
     u: Float[Array, "rows d"]
@@ -220,7 +219,7 @@ def _on_filled_steps(s, a, rows, apply):
     `rows` may be stale, and `apply` masks them. `rows` is reduced over a `jax.vmap`
     batch (the batch's largest), so the choice of block is a real branch, not a
     select that runs every block. Under vmap the slice of a (batch, rows, d) buffer
-    is a copy, which the step's two reads repay."""
+    is a copy, which the step's reads of it repay."""
     blocks = _row_blocks(s.shape[0])
     rows = eqxi.unvmap_max(jnp.minimum(rows, s.shape[0]))
     index = jnp.sum(jnp.asarray(blocks[:-1]) < rows)  # (searchsorted: a loop)
@@ -366,8 +365,8 @@ class Broyden(AbstractSolver):
         kappa = jnp.where(ok, kappa, 1)
         scale = jnp.where(ok, theta / (kappa * jnp.where(ok, denom, 1)), 0)
         # A's new row; an update whose row overflowed is skipped like one with a
-        # near-zero denominator, so A only ever holds finite rows (the masks below
-        # multiply stale rows by zero).
+        # near-zero denominator, so A only ever holds finite rows (the masks in
+        # `apply` and `inverse` multiply stale rows by zero).
         row = scale * c
         finite = jnp.all(jnp.isfinite(row))
         kappa = jnp.where(finite, kappa, 1)

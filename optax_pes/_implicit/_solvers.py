@@ -353,6 +353,10 @@ class Broyden(AbstractSolver):
         # The updated inverse applied to g is kappa B^-1 g (u is parallel to B^-1 g):
         # the next step, and u = theta (next step) / (kappa * denom).
         kappa = 1 - theta * jnp.dot(c, p) / jnp.where(denom == 0, 1, denom)
+        # A's new row. An update with a near-zero denominator, or whose row
+        # overflows, is skipped: A only ever holds finite rows (the masks in `apply`
+        # and `inverse` multiply stale rows by zero).
+        row = theta / (kappa * jnp.where(denom == 0, 1, denom)) * c
         eps = jnp.finfo(z.dtype).eps
         tiny = eps * jnp.sqrt(dz2) * jnp.linalg.norm(inv_dg)
         ok = (
@@ -361,15 +365,9 @@ class Broyden(AbstractSolver):
             & jnp.isfinite(kappa)
             & (jnp.abs(kappa) > eps)
             & jnp.all(jnp.isfinite(g))
+            & jnp.all(jnp.isfinite(row))
         )
         kappa = jnp.where(ok, kappa, 1)
-        scale = jnp.where(ok, theta / (kappa * jnp.where(ok, denom, 1)), 0)
-        # A's new row; an update whose row overflowed is skipped like one with a
-        # near-zero denominator, so A only ever holds finite rows (the masks in
-        # `apply` and `inverse` multiply stale rows by zero).
-        row = scale * c
-        finite = jnp.all(jnp.isfinite(row))
-        kappa = jnp.where(finite, kappa, 1)
         # A full buffer restarts from B^-1 = -I (SciPy's default reduction for
         # limited-memory Broyden): the next step is a fixed-point step, row 0, and
         # A's row 0 is zero. The rows past it are stale until rewritten; they are
@@ -381,7 +379,7 @@ class Broyden(AbstractSolver):
         restart = nxt == 0
         # The next step goes to row `nxt` and the new update is row `nxt` of A.
         keep = 1 - jax.nn.one_hot(nxt, rows, dtype=z.dtype)
-        row = jnp.where(restart | ~finite, 0, row * keep)
+        row = jnp.where(restart | ~ok, 0, row * keep)
         a = state.a.at[nxt].set(_keep(active, row, state.a[nxt]))
         inv_g = jnp.where(restart, -g, kappa * inv_g)
         return _BroydenState(

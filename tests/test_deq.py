@@ -235,7 +235,7 @@ def test_broyden_is_dense_good_broyden_restarted_when_full(
         if (i + 1) % (memory + 1) == 0:
             h = -jnp.eye(dim)
         np.testing.assert_allclose(state.z, z, rtol=1e-10, atol=1e-12)
-        np.testing.assert_allclose(state.inv_g, h @ g, rtol=1e-8, atol=1e-10)
+        np.testing.assert_allclose(state.step, -h @ g, rtol=1e-8, atol=1e-10)
     np.testing.assert_allclose(
         solver.inverse(state).as_matrix(), h, rtol=1e-8, atol=1e-10
     )

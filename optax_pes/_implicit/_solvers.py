@@ -204,7 +204,7 @@ class _BroydenState(NamedTuple):
 
     z: jax.Array  # shape=(d,), z's dtype: the current iterate
     g: jax.Array  # shape=(d,), z's dtype: `fn(z) - z`
-    inv_g: jax.Array  # shape=(d,), z's dtype: `B^-1 g`; the next step is -inv_g
+    step: jax.Array  # shape=(d,), z's dtype: the next step, `-B^-1 g`
     s: jax.Array  # shape=(memory + 1, d), z's dtype: the steps, one a row
     a: jax.Array  # shape=(memory + 1, memory + 1), z's dtype: B^-1 = -I + S^T A S
     filled: jax.Array  # shape=(), int32: rows of s and a in use since the last restart
@@ -311,33 +311,36 @@ class Broyden(AbstractSolver):
         # The first step, -B^-1 g = g, is row 0; A = 0 is B^-1 = -I.
         s = jnp.zeros((rows,) + z0.shape, z0.dtype).at[0].set(g)
         a = jnp.zeros((rows, rows), z0.dtype)
-        return _BroydenState(z0, g, -g, s, a, jnp.ones((), jnp.int32))
+        return _BroydenState(z0, g, g, s, a, jnp.ones((), jnp.int32))
 
     def step(self, fn, state, active, iteration):
         rows = self.memory + 1
         slot, nxt = iteration % rows, (iteration + 1) % rows
-        dz = -state.inv_g  # = row `slot` of s
-        z = state.z + dz
-        g = fn(z) - z
+        dz = state.step  # = row `slot` of s
+        # A finished sample stays put: its z and g come back as they were, masked
+        # where they are computed (a select after would be a pass over each). Its
+        # other results are discarded row by row below.
+        z = state.z + jnp.where(active, dz, 0)
+        g = jnp.where(active, fn(z) - z, state.g)
 
         # Rows 0 .. iteration % rows hold the steps since the last restart (for an
-        # active sample; an inactive one's results are discarded).
+        # active sample).
         filled = iteration % rows + 1
 
         def apply(s, a):
             # S g and S dz (two matrix-vector products: a (r, d) @ (d, 2) product
-            # is a slow path on XLA:CPU), then B^-1 g = -g + S^T (A S g). Stale rows
+            # is a slow path on XLA:CPU), then -B^-1 g = g - S^T (A S g). Stale rows
             # are masked out of A S g and S dz; A's columns for them are zero in the
             # rows in use, so S g needs no mask.
             in_use = (jnp.arange(s.shape[0]) < filled).astype(s.dtype)
             p, q = s @ g, (s @ dz) * in_use
             pad = lambda t: jnp.pad(t, (0, rows - t.shape[0]))  # noqa: E731
-            return -g + s.T @ ((a @ p) * in_use), pad(p), pad(a.T @ q)
+            return g - s.T @ ((a @ p) * in_use), pad(p), pad(a.T @ q)
 
-        inv_g, p, a_q = _on_filled_steps(state.s, state.a, filled, apply)
+        step, p, a_q = _on_filled_steps(state.s, state.a, filled, apply)
         # v = B^-T dz = S^T c with c = A^T S dz - e_slot (dz is row `slot`).
         c = a_q - jax.nn.one_hot(slot, rows, dtype=z.dtype)
-        inv_dg = inv_g - state.inv_g
+        inv_dg = dz - step  # B^-1 (g - g_old) = -step + dz
         denom = jnp.dot(dz, inv_dg)
         # Powell's safeguard: the update scales det(B) by gamma = denom / |dz|^2.
         # Where |gamma| < sigma, B^-1 dg is replaced by theta B^-1 dg + (1 - theta) dz
@@ -355,7 +358,7 @@ class Broyden(AbstractSolver):
         kappa = 1 - theta * jnp.dot(c, p) / jnp.where(denom == 0, 1, denom)
         # A's new row. An update with a near-zero denominator, or whose row
         # overflows, is skipped: A only ever holds finite rows (the masks in `apply`
-        # and `inverse` multiply stale rows by zero).
+        # and `inverse` multiply stale rows by zero). A non-finite g makes denom NaN.
         row = theta / (kappa * jnp.where(denom == 0, 1, denom)) * c
         eps = jnp.finfo(z.dtype).eps
         tiny = eps * jnp.sqrt(dz2) * jnp.linalg.norm(inv_dg)
@@ -364,7 +367,6 @@ class Broyden(AbstractSolver):
             & (jnp.abs(denom) > tiny)
             & jnp.isfinite(kappa)
             & (jnp.abs(kappa) > eps)
-            & jnp.all(jnp.isfinite(g))
             & jnp.all(jnp.isfinite(row))
         )
         kappa = jnp.where(ok, kappa, 1)
@@ -381,12 +383,12 @@ class Broyden(AbstractSolver):
         keep = 1 - jax.nn.one_hot(nxt, rows, dtype=z.dtype)
         row = jnp.where(restart | ~ok, 0, row * keep)
         a = state.a.at[nxt].set(_keep(active, row, state.a[nxt]))
-        inv_g = jnp.where(restart, -g, kappa * inv_g)
+        step = _keep(active, jnp.where(restart, g, kappa * step), state.step)
         return _BroydenState(
-            _keep(active, z, state.z),
-            _keep(active, g, state.g),
-            _keep(active, inv_g, state.inv_g),
-            state.s.at[nxt].set(_keep(active, -inv_g, state.s[nxt])),
+            z,
+            g,
+            step,
+            state.s.at[nxt].set(_keep(active, step, state.s[nxt])),
             a,
             _keep(active, (nxt + 1).astype(jnp.int32), state.filled),
         )
@@ -457,11 +459,13 @@ class Anderson(AbstractSolver):
         alpha = jnp.linalg.solve(h, rhs)[1:]
         alpha = jnp.where(jnp.all(jnp.isfinite(alpha)), alpha, used / jnp.sum(used))
         z = self.damping * (alpha @ state.fs) + (1 - self.damping) * (alpha @ state.xs)
+        # A finished sample stays put (masked where computed, as in Broyden) and
+        # writes its history row back unchanged.
+        z = _keep(active, z, state.z)
         f = fn(z)
-        # A finished sample writes its history row back unchanged.
         slot = (iteration + 1) % m
         return _AndersonState(
-            _keep(active, z, state.z),
+            z,
             _keep(active, f - z, state.g),
             state.xs.at[slot].set(_keep(active, z, state.xs[slot])),
             state.fs.at[slot].set(_keep(active, f, state.fs[slot])),
@@ -498,6 +502,7 @@ class FixedPoint(AbstractSolver):
 
     def step(self, fn, state, active, iteration):
         del iteration
-        z = state.z + self.damping * state.g
-        g = fn(z) - z
-        return _FixedPointState(_keep(active, z, state.z), _keep(active, g, state.g))
+        # A finished sample stays put: masked where computed, not selected after
+        # (a pass over z and g less per step).
+        z = state.z + jnp.where(active, self.damping * state.g, 0)
+        return _FixedPointState(z, _keep(active, fn(z) - z, state.g))

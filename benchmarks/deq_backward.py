@@ -94,7 +94,7 @@ Notes:
 - Shine's cosine is close to JFB's: Broyden's inverse is accurate on the secant
   directions the forward explored, not on a random cotangent; refine fixes that.
 - Forward: under vmap a Broyden step reads its (B, memory + 1, d) buffer of
-  steps' filled rows twice (B^-1 = -I + S^T A S: S g and S dz, then S^T (A S g);
+  steps' filled rows three times (B^-1 = -I + S^T A S: S g and S dz, then S^T (A S g);
   in leading blocks of 1, 2, 4, ... rows, copies under vmap) and writes one row,
   so its time still grows with the rows a solve fills.
 """

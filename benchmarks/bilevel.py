@@ -10,13 +10,14 @@ with one lambda per feature (30):
 1. Hypergradient: one jitted `tx.update` of `optax_pes.shine_bilevel(...)` for each
    method at a fixed lambda and inner tolerance, from a warm state (the inner
    solution at `lam + 0.1`, as one outer step earlier in a tuning run), compile
-   excluded, median over interleaved repeats. Ratios are to `implicit` (conjugate
-   gradient to 1e-10, the exact reference); `jacobian_free` is the floor (the same
-   inner solve, the inverse replaced by the identity), so `time - JFB time` is what
-   the backward costs. Accuracy against the dense exact hypergradient (Newton's
-   w*, dense Hessian solve): relative error for the scalar lambda, cosine (and
-   relative error) for the per-feature one. Optional external reference: the same
-   implicit hypergradient with jaxopt (`jaxopt.LBFGS`, history 30, zoom line
+   excluded, median over interleaved repeats (in an order that rotates every round; a
+   fixed order gave the same ratios within noise). Ratios are to `implicit`
+   (conjugate gradient to 1e-10, the exact reference); `jacobian_free` is the floor
+   (the same inner solve, the inverse replaced by the identity), so `time - JFB time`
+   is what the backward costs. Accuracy against the dense exact hypergradient
+   (Newton's w*, dense Hessian solve): relative error for the scalar lambda, cosine
+   (and relative error) for the per-feature one. Optional external reference: the
+   same implicit hypergradient with jaxopt (`jaxopt.LBFGS`, history 30, zoom line
    search, same tolerance, differentiated through its `custom_root` with CG to
    1e-10).
 2. Tuning: `optax.chain(shine_bilevel(...), optax.adam(lr))` from lambda = 0 with
@@ -186,7 +187,7 @@ def hypergradient_section(args, name: str, lam, tol: float) -> dict[str, dict]:
             estimate=None, steps=int(result.state.iter_num), converged=True
         )
         fns[JAXOPT_SOLVE] = partial(solve, lam, warm, tol)
-    samples = compare(of_thunks(fns, args.calls), args.repeats, rotate=False)
+    samples = compare(of_thunks(fns, args.calls), args.repeats)
     base, jfb = samples["implicit"], median(samples["jacobian_free"])
     print(
         f"\n== 1. hypergradient, {name} lambda, inner tol {tol:g}: one jitted update "
@@ -405,7 +406,7 @@ def highdim_hypergradient(args, problem, name, lam, tol):
         run = jax.jit(lambda lam, w0: highdim_jaxopt(problem, lam, w0, tol))
         est[JAXOPT] = run(lam, warm)[0]
         fns[JAXOPT] = partial(run, lam, warm)
-    samples = compare(of_thunks(fns, 1), args.highdim_repeats, rotate=False)
+    samples = compare(of_thunks(fns, 1), args.highdim_repeats)
     base, jfb = samples["implicit"], median(samples["jacobian_free"])
     print(
         f"\n== 3a. high-dim hypergradient, {name} lambda, {problem.dim} features, "

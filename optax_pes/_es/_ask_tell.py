@@ -220,7 +220,6 @@ def ask_tell(
             loss_before=losses,
             loss_after=jnp.where(jnp.tile(inside, members), after, 0),
             reset_inside=inside,
-            num_started=jnp.sum(state.needs_init | inside, dtype=jnp.int32),
         )
         return credit(
             config, policy, state, draw(config, policy, state, params), result

@@ -173,7 +173,7 @@ def next_state(
     per_member = lambda x: x.reshape(members, -1).sum(axis=0)  # noqa: E731
     # Every count and sum the diagnostics need, per group, reduced in one pass (one
     # kernel instead of one or two per sum: on a tiny inner problem each costs as
-    # much as the sum itself). Counts are exact in float32 below 2^24 groups.
+    # much as the sum itself). Counts are exact in float32 below 2^24 particles.
     sums = jnp.stack(
         [
             valid.astype(jnp.float32),

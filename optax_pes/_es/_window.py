@@ -32,7 +32,6 @@ class WindowResult(NamedTuple):
     loss_before: Float[Array, " particles"]  # summed losses before a mid-window reset
     loss_after: Float[Array, " particles"]  # summed losses after it (0 without one)
     reset_inside: Bool[Array, " groups"]  # a new episode started inside the window
-    num_started: Int[Array, ""]  # groups that started an episode in this window
 
 
 def run_window(
@@ -149,7 +148,4 @@ def run_window(
     loss_before, loss_after = replicate((loss_before, loss_after))
     ended = remaining == 0
     remaining = jnp.where(ended, horizon, remaining)
-    num_started = jnp.sum(needs_init | after, dtype=jnp.int32)
-    return WindowResult(
-        inner_state, remaining, ended, loss_before, loss_after, after, num_started
-    )
+    return WindowResult(inner_state, remaining, ended, loss_before, loss_after, after)

@@ -88,7 +88,8 @@ class AbstractSolver(eqx.Module):
         active: Bool[Array, ""],
         iteration: Int[Array, ""],
     ) -> Any:
-        """One iteration; where `active` is False the state must come back unchanged.
+        """One iteration; where `active` is False the state must come back unchanged
+        (up to the sign of a zero).
 
         (Under `jax.vmap` the loop runs until every sample is done; masking inside
         the step, row by row, avoids a select over whole history buffers.)
@@ -354,11 +355,12 @@ class Broyden(AbstractSolver):
         theta = jnp.where(jnp.abs(gamma) < sigma, (1 - sign * sigma) / (1 - gamma), 1)
         denom = theta * denom + (1 - theta) * dz2
         # The updated inverse applied to g is kappa B^-1 g (u is parallel to B^-1 g):
-        # the next step, and u = theta (next step) / (kappa * denom).
+        # the next step is kappa * step, and u = theta (next step) / (kappa * denom).
         kappa = 1 - theta * jnp.dot(c, p) / jnp.where(denom == 0, 1, denom)
         # A's new row. An update with a near-zero denominator, or whose row
         # overflows, is skipped: A only ever holds finite rows (the masks in `apply`
-        # and `inverse` multiply stale rows by zero). A non-finite g makes denom NaN.
+        # and `inverse` multiply stale rows by zero). A non-finite g makes p, and so
+        # step, denom and kappa, non-finite: skipped too.
         row = theta / (kappa * jnp.where(denom == 0, 1, denom)) * c
         eps = jnp.finfo(z.dtype).eps
         tiny = eps * jnp.sqrt(dz2) * jnp.linalg.norm(inv_dg)
@@ -459,8 +461,8 @@ class Anderson(AbstractSolver):
         alpha = jnp.linalg.solve(h, rhs)[1:]
         alpha = jnp.where(jnp.all(jnp.isfinite(alpha)), alpha, used / jnp.sum(used))
         z = self.damping * (alpha @ state.fs) + (1 - self.damping) * (alpha @ state.xs)
-        # A finished sample stays put (masked where computed, as in Broyden) and
-        # writes its history row back unchanged.
+        # A finished sample stays put (selected before f is applied, so that f's
+        # output needs no select after) and writes its history row back unchanged.
         z = _keep(active, z, state.z)
         f = fn(z)
         slot = (iteration + 1) % m

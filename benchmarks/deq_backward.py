@@ -82,10 +82,10 @@ MEMORY_SWEEP = (5, 10, 20)  # Broyden memory besides the default 30
 NOTES = """
 Notes:
 - JacobianFree and "VJP of f at z*" are the same computation (the DEQ output is
-  f(z*, x) at a stop-gradient z*). Shine adds, per sample, w = zbar - V^T (U zbar):
-  it reads 2 x B x memory x d floats of inverse buffers (memory-bound) against
-  ~4 B d^2 flops for f's VJP with W shared across the batch, so Shine / JFB grows
-  with memory / d: small for conv MDEQs, visible on a dense d=128-256 layer.
+  f(z*, x) at a stop-gradient z*). Shine adds, per sample, w = zbar - S^T (A^T S
+  zbar): it reads the B x memory x d buffer of Broyden's steps twice (memory-bound)
+  against ~4 B d^2 flops for f's VJP with W shared across the batch, so Shine / JFB
+  grows with memory / d: small for conv MDEQs, visible on a dense d=128-256 layer.
 - Implicit / Shine: on a small contractive layer the backward system converges in
   about as many (cheap, z-only) VJPs as the forward took steps, so a lean implicit
   backward (fixed point) is only a few Shine backwards. lineax's GMRES runs a full

@@ -701,3 +701,21 @@ def test_bad_deq_arguments():
         optax_pes.DEQ(lambda z, x: z, solver="broyden")
     with pytest.raises(TypeError, match="adjoint must be"):
         optax_pes.DEQ(lambda z, x: z, adjoint="shine")
+
+
+def test_low_rank_inverse_with_a_core_is_u_transpose_core_v(x64):
+    """`LowRankInverse(u, v, core)` is -I + U^T C V: mv, rmv and as_matrix agree with
+    the dense matrix, and `core=None` is the identity (the two-factor form)."""
+    ku, kv, kc, kx = jax.random.split(jax.random.key(11), 4)
+    u = jax.random.normal(ku, (3, 5), jnp.float64)
+    v = jax.random.normal(kv, (3, 5), jnp.float64)
+    core = jax.random.normal(kc, (3, 3), jnp.float64)
+    x = jax.random.normal(kx, (5,), jnp.float64)
+    dense = -jnp.eye(5) + u.T @ core @ v
+    inverse = optax_pes.LowRankInverse(u, v, core)
+    np.testing.assert_allclose(inverse.as_matrix(), dense, rtol=1e-12)
+    np.testing.assert_allclose(inverse.mv(x), dense @ x, rtol=1e-12)
+    np.testing.assert_allclose(inverse.rmv(x), dense.T @ x, rtol=1e-12)
+    plain = optax_pes.LowRankInverse(u, v)
+    np.testing.assert_allclose(plain.as_matrix(), -jnp.eye(5) + u.T @ v, rtol=1e-12)
+    np.testing.assert_allclose(plain.rmv(x), (-jnp.eye(5) + u.T @ v).T @ x, rtol=1e-12)

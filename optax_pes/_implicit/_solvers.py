@@ -43,30 +43,37 @@ def _row_blocks(memory: int) -> tuple[int, ...]:
 
 
 class LowRankInverse(eqx.Module):
-    r"""Broyden's inverse-Jacobian estimate $B^{-1} = -I + U^\top V$ of $g = f - I$.
+    r"""An inverse-Jacobian estimate $B^{-1} = -I + U^\top C V$ of $g = f - I$.
 
-    The rows of `u` and `v` pair up into its rank-one terms (an unused row of `u`
-    is zero); applying it, or its transpose, costs $O(\text{rows} \times d)$.
-    (`Broyden` hands its estimate over in this form, with `memory + 1` rows; an
-    apply reads every row: under `jax.vmap` a slice of the batched buffers is a copy,
-    which costs SHINE's one-pass backward more than it saves.)
+    The rows of `u` and `v` pair up into its rank-one terms through the small
+    `core` matrix $C$ (the identity when `core` is None, as in
+    `LowRankInverse(u, v)`; an unused row of `u` is zero); applying it, or its
+    transpose, costs $O(\text{rows} \times d)$. `Broyden` hands its estimate over
+    compact, `u` and `v` both its `memory + 1` steps and `core` the small matrix
+    of its update: one buffer for SHINE's backward to keep, not two. An apply reads
+    every row: under `jax.vmap` a slice of the batched buffers is a copy, which
+    costs SHINE's one-pass backward more than it saves.
     """
 
     u: Float[Array, "rows d"]
     v: Float[Array, "rows d"]
+    core: Float[Array, "rows rows"] | None = None
 
     def mv(self, x: Float[Array, " d"]) -> Float[Array, " d"]:
         """$B^{-1} x$."""
-        return -x + self.u.T @ (self.v @ x)
+        y = self.v @ x
+        return -x + self.u.T @ (y if self.core is None else self.core @ y)
 
     def rmv(self, x: Float[Array, " d"]) -> Float[Array, " d"]:
         r"""$B^{-\top} x$."""
-        return -x + self.v.T @ (self.u @ x)
+        y = self.u @ x
+        return -x + self.v.T @ (y if self.core is None else self.core.T @ y)
 
     def as_matrix(self) -> Float[Array, "d d"]:
         """The dense estimate (for tests and small problems)."""
         d = self.u.shape[1]
-        return -jnp.eye(d, dtype=self.u.dtype) + self.u.T @ self.v
+        v = self.v if self.core is None else self.core @ self.v
+        return -jnp.eye(d, dtype=self.u.dtype) + self.u.T @ v
 
 
 class AbstractSolver(eqx.Module):
@@ -253,8 +260,8 @@ class Broyden(AbstractSolver):
     for limited-memory Broyden), so every `memory + 1` steps begin with a plain
     fixed-point step. A near-zero denominator (or an overflow) skips the update.
     The solve returns the lowest-residual iterate and hands the final $B^{-1}$ to
-    the backward pass (`optax_pes.Shine`) as a `LowRankInverse` with `memory + 1`
-    rows.
+    the backward pass (`optax_pes.Shine`) as a compact `LowRankInverse`: the
+    `memory + 1` steps $S$ (as `u` and `v`) and $A$ (as `core`).
 
     Each update multiplies $\det B$ by $\gamma = \Delta z^\top B^{-1} \Delta g /
     \|\Delta z\|^2$. Powell's safeguard damps an update with $|\gamma| <$
@@ -396,11 +403,12 @@ class Broyden(AbstractSolver):
         )
 
     def inverse(self, state):
-        # -I + S^T A S = -I + U^T V with U = A^T S, V = S, A's stale rows zeroed
-        # (their columns are zero in the rows in use).
+        # -I + S^T A S, with A's stale rows zeroed (their columns are zero in the
+        # rows in use), handed over compact: forming U = A^T S would cost a pass
+        # over S here and a second buffer for the backward to keep.
         rows = state.a.shape[0]
         a = state.a * (jnp.arange(rows) < state.filled)[:, None].astype(state.a.dtype)
-        return LowRankInverse(a.T @ state.s, state.s)
+        return LowRankInverse(state.s, state.s, a)
 
 
 # --------------------------------------------------------------------- Anderson ----

@@ -47,10 +47,11 @@ class LowRankInverse(eqx.Module):
 
     The rows of `u` and `v` pair up into its rank-one terms through the small
     `core` matrix $C$ (the identity when `core` is None, as in
-    `LowRankInverse(u, v)`; an unused row of `u` is zero); applying it, or its
-    transpose, costs $O(\text{rows} \times d)$. `Broyden` hands its estimate over
-    compact, `u` and `v` both its `memory + 1` steps and `core` the small matrix
-    of its update: one buffer for SHINE's backward to keep, not two. An apply reads
+    `LowRankInverse(u, v)`, where an unused row of `u` is zero); applying it, or
+    its transpose, costs $O(\text{rows} \times d)$. `Broyden` hands its estimate
+    over compact, `u` and `v` both its `memory + 1` steps and `core` the small
+    matrix of its update, whose rows and columns for unused steps are zero: one
+    buffer for SHINE's backward to keep, not two. An apply reads
     every row: under `jax.vmap` a slice of the batched buffers is a copy, which
     costs SHINE's one-pass backward more than it saves.
     """

@@ -51,9 +51,9 @@ class LowRankInverse(eqx.Module):
     its transpose, costs $O(\text{rows} \times d)$. `Broyden` hands its estimate
     over compact, `u` and `v` both its `memory + 1` steps and `core` the small
     matrix of its update, whose rows and columns for unused steps are zero: one
-    buffer for SHINE's backward to keep, not two. An apply reads
-    every row: under `jax.vmap` a slice of the batched buffers is a copy, which
-    costs SHINE's one-pass backward more than it saves.
+    buffer for SHINE's backward to keep, not two. An apply reads every row: under
+    `jax.vmap` a slice of the batched buffers is a copy, which costs SHINE's
+    one-pass backward more than it saves.
     """
 
     u: Float[Array, "rows d"]

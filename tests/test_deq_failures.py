@@ -338,6 +338,34 @@ def test_failed_backward_solve_falls_back_per_sample(x64):
     np.testing.assert_allclose(got[1], exact[1], rtol=1e-8)
 
 
+def test_fixed_point_backward_that_overflows_the_norm_falls_back():
+    """In float32 a diverging w <- zbar + J^T w passes 1.8e19, where |w| overflows to
+    inf while its step is still finite: `step <= tol * |w|` held, and the solve was
+    called converged with a w of 1e19 or more (an inf parameter gradient on the
+    multiscale DEQ, silently). It must fall back and warn, as any divergence does."""
+
+    class Scaled(eqx.Module):
+        def __call__(self, z, x):
+            return x[0] * z + x
+
+    x = jnp.array([1.5, 1.0, -1.0])  # J = 1.5 I: w grows 1.5-fold per step
+    cotangent = jnp.array([1.0, -2.0, 0.5])
+
+    def grad(adjoint):
+        deq = optax_pes.DEQ(
+            Scaled(), solver=optax_pes.Broyden(50, 1e-6), adjoint=adjoint
+        )
+        return jax.grad(lambda x: jnp.vdot(cotangent, deq(x, jnp.zeros(3))))(x)
+
+    # 300 steps: 1.5^300 is far past float32's range, so the norm overflows first.
+    implicit = optax_pes.Implicit(linear_solver="fixed_point", max_steps=300)
+    with pytest.warns(RuntimeWarning, match="optax_pes.DEQ: .*did not reach tol"):
+        got = jax.block_until_ready(grad(implicit))
+        _flush()
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, grad(optax_pes.JacobianFree()), rtol=1e-6)
+
+
 @pytest.mark.parametrize(
     "make",
     [

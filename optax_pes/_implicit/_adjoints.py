@@ -297,7 +297,14 @@ class Implicit(_AbstractCotangentAdjoint):
 
             def cond(c):
                 i, w, delta = c
-                return (i < self.max_steps) & (delta > self.tol * jnp.linalg.norm(w))
+                # A diverging w overflows |w| (past 1.8e19 in float32) while its step
+                # is still finite: stop there, and count it as a failure below.
+                size = jnp.linalg.norm(w)
+                return (
+                    (i < self.max_steps)
+                    & jnp.isfinite(size)
+                    & (delta > self.tol * size)
+                )
 
             def body(c):
                 i, w, _ = c
@@ -306,7 +313,8 @@ class Implicit(_AbstractCotangentAdjoint):
 
             inf = jnp.asarray(jnp.inf, grad.dtype)
             _, w, delta = jax.lax.while_loop(cond, body, (0, grad, inf))
-            converged = delta <= self.tol * jnp.linalg.norm(w)
+            size = jnp.linalg.norm(w)
+            converged = jnp.isfinite(size) & (delta <= self.tol * size)
         else:
             solver = self.linear_solver
             if isinstance(solver, str):

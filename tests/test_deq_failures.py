@@ -13,6 +13,7 @@ import warnings
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import lineax as lx
 import numpy as np
 import pytest
 
@@ -291,10 +292,24 @@ HARD = optax_pes.Broyden(max_steps=60, tol=1e-10, memory=60)
             optax_pes.JacobianFree(),
             "did not reach tol",
         ),
+        # A lineax solver: its own tolerance and step limit are the ones named.
+        (
+            optax_pes.Implicit(
+                linear_solver=lx.GMRES(rtol=1e-8, atol=1e-8, restart=2, max_steps=2)
+            ),
+            optax_pes.JacobianFree(),
+            r"GMRES.*within 10x the linear_solver's atol \+ rtol \|zbar\| in the "
+            "linear_solver's own max_steps",
+        ),
         # Refinement by fixed-point steps diverges: keep the SHINE estimate.
         (optax_pes.Shine(refine_steps=20), optax_pes.Shine(), "refinement diverged"),
     ],
-    ids=["Implicit(max_steps=2)", "Implicit(fixed_point)", "Shine(refine_steps=20)"],
+    ids=[
+        "Implicit(max_steps=2)",
+        "Implicit(fixed_point)",
+        "Implicit(lx.GMRES)",
+        "Shine(refine_steps=20)",
+    ],
 )
 def test_failed_backward_solve_warns_and_falls_back(adjoint, fallback, match, x64):
     weight, x, cotangent = problem(norm=3.0, seed=3)

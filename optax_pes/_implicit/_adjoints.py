@@ -340,10 +340,18 @@ class Implicit(_AbstractCotangentAdjoint):
         return jnp.where(failed, grad, w), failed
 
     def failure(self):
+        if isinstance(self.linear_solver, str):
+            what = f"it did not reach tol={self.tol} within max_steps={self.max_steps}"
+            fix = "Raise max_steps or tol"
+        else:  # a lineax solver: its own tolerance and step limit (not tol, max_steps)
+            what = (
+                "it did not bring the residual within 10x the linear_solver's atol + "
+                "rtol |zbar| in the linear_solver's own max_steps"
+            )
+            fix = "Raise the linear_solver's max_steps or tolerances"
         return (
-            f"it did not reach tol={self.tol} within max_steps={self.max_steps} (or "
-            "was not finite); those samples used the Jacobian-free w = zbar instead. "
-            "Raise max_steps or tol, check that the forward solve converged "
+            f"{what} (or was not finite); those samples used the Jacobian-free "
+            f"w = zbar instead. {fix}, check that the forward solve converged "
             "(DEQ.solve's info.converged), or pass throw=True to raise"
         )
 

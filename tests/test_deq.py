@@ -598,6 +598,20 @@ def test_diverging_fixed_point_iteration_returns_its_best_iterate():
     assert int(info.steps) < 100  # stopped on divergence, not max_steps
 
 
+@pytest.mark.parametrize(
+    "solver",
+    [optax_pes.Broyden(), optax_pes.Anderson(), optax_pes.FixedPoint()],
+    ids=lambda s: type(s).__name__,
+)
+def test_a_z_whose_norm_overflows_is_not_converged(solver):
+    """z <- z + x has no fixed point. From z0 = 1e19 (float32), |z0| overflows to inf
+    and the relative test `residual <= tol * |z|` held for a residual of 2e18: the
+    solve reported converged after 0 steps."""
+    deq = optax_pes.DEQ(lambda z, x: z + x, solver=solver, adjoint=optax_pes.Implicit())
+    _, info = deq.solve(jnp.full(4, 1e18), jnp.full(4, 1e19))
+    assert not bool(info.converged)
+
+
 SOLVERS_AND_ADJOINTS = [
     optax_pes.Broyden(),
     optax_pes.Anderson(),

@@ -610,6 +610,7 @@ def test_a_z_whose_norm_overflows_is_not_converged(solver):
     deq = optax_pes.DEQ(lambda z, x: z + x, solver=solver, adjoint=optax_pes.Implicit())
     _, info = deq.solve(jnp.full(4, 1e18), jnp.full(4, 1e19))
     assert not bool(info.converged)
+    assert not float(info.relative_residual) <= solver.tol  # was 0
 
 
 SOLVERS_AND_ADJOINTS = [

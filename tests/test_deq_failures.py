@@ -322,6 +322,30 @@ def test_failed_backward_solve_warns_and_falls_back(adjoint, fallback, match, x6
     np.testing.assert_allclose(g, expected, rtol=1e-8, atol=1e-10)
 
 
+def test_refinement_whose_residual_norms_overflow_falls_back():
+    """float32, a cotangent of 1e20 on the non-contractive layer: the refinement's
+    first and last residual norms both overflow, and `inf <= inf` read as "did not
+    grow". It diverged: it must warn and keep the SHINE estimate."""
+    weight, x, cotangent = problem(norm=3.0, seed=3)
+    solver = optax_pes.Broyden(max_steps=60, tol=1e-5, memory=60)
+    with pytest.warns(RuntimeWarning, match="optax_pes.DEQ: .*refinement diverged"):
+        g = _gradients(
+            optax_pes.Shine(refine_steps=20), weight, x, 1e20 * cotangent, solver
+        )
+        _flush()
+    expected = _gradients(optax_pes.Shine(), weight, x, 1e20 * cotangent, solver)
+    np.testing.assert_allclose(g, expected, rtol=1e-6)
+
+
+def test_fallback_fires_where_the_estimate_norm_overflows():
+    """float32, a cotangent of 1e20: |w| and |zbar| both overflow, and `inf > 1.8 *
+    inf` never fired. An estimate whose size cannot be judged falls back."""
+    weight, x, cotangent = problem()
+    g = _gradients(optax_pes.Shine(fallback=True), weight, x, 1e20 * cotangent)
+    expected = _gradients(optax_pes.JacobianFree(), weight, x, 1e20 * cotangent)
+    np.testing.assert_allclose(g, expected, rtol=1e-6)
+
+
 def test_failed_backward_solve_falls_back_per_sample(x64):
     """Under vmap only the sample whose solve failed falls back; the others keep the
     implicit gradient. z <- s z + x with s = x[0]: the iteration on w diverges for

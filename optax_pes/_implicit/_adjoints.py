@@ -187,8 +187,10 @@ class Shine(_AbstractCotangentAdjoint):
     def cotangent(self, layer, z_star, inverse, grad):
         w = -inverse.rmv(grad)
         if self.fallback:
-            too_big = jnp.linalg.norm(w) > self.fallback_threshold * jnp.linalg.norm(
-                grad
+            # (Also where |w| overflows: "> threshold * inf" would never fire.)
+            size = jnp.linalg.norm(w)
+            too_big = ~jnp.isfinite(size) | (
+                size > self.fallback_threshold * jnp.linalg.norm(grad)
             )
             w = jnp.where(too_big, grad, w)
         if not self.refine_steps:
@@ -221,7 +223,8 @@ class Shine(_AbstractCotangentAdjoint):
                 (w, zero, zero),
                 unroll=self.refine_steps <= _MAX_UNROLLED_REFINE,
             )
-            failed = ~(last <= first)
+            # (inf <= inf: residuals whose norms overflow are a failure too.)
+            failed = ~(last <= first) | ~jnp.isfinite(last)
         return jnp.where(failed, w, refined), failed
 
     def failure(self):

@@ -197,8 +197,11 @@ def solve(
     info = SolveInfo(
         steps=carry.steps,
         residual=carry.best_res,
-        relative_residual=carry.best_res
-        / jnp.maximum(norm_z, jnp.finfo(z0.dtype).tiny),
+        relative_residual=jnp.where(
+            jnp.isfinite(norm_z),
+            carry.best_res / jnp.maximum(norm_z, jnp.finfo(z0.dtype).tiny),
+            jnp.inf,  # (an overflowed |z|: no scale, as in _converged)
+        ),
         converged=_converged(carry.best_res, carry.best_z, solver.tol),
     )
     return carry.best_z, info, solver.inverse(carry.state)

@@ -388,6 +388,32 @@ def test_a_large_finite_hypergradient_is_added(x64):
     assert max(np.abs(u).max() for u in leaves) > 1e25
 
 
+@pytest.mark.parametrize("method", ["implicit", "shine_refine"])
+def test_an_outer_gradient_whose_norm_overflows_keeps_its_implicit_term(method):
+    """float32, the outer loss times 1e25: |outer gradient| overflows, the linear
+    solve's tolerance `tol * |outer gradient|` was inf, and CG stopped at y = 0: the
+    hypergradient lost its implicit term, here all of it (0, silently); refinement's
+    CG overflowed its inner products and fell back to SHINE's estimate, silently. The
+    solve is linear in the outer gradient: the estimate must be 1e25 times the
+    unscaled one."""
+    inner_loss, outer_loss = _losses(jnp.float32)
+
+    def update(scale):
+        tx = optax_pes.shine_bilevel(
+            inner_loss,
+            lambda w, h: scale * outer_loss(w, h),
+            inner_init=_inner_init(),
+            method=method,
+            **SETTINGS,
+        )
+        params = _params()
+        return jax.jit(tx.update)(_zeros(params), tx.init(params), params)[0]
+
+    plain, scaled = update(1.0), update(1e25)
+    for a, b in zip(jax.tree.leaves(scaled), jax.tree.leaves(plain), strict=True):
+        np.testing.assert_allclose(np.asarray(a) / 1e25, b, rtol=1e-4, atol=1e-9)
+
+
 def test_a_schedule_of_inner_tol_is_checked():
     """Eagerly a schedule's bad value is an error naming inner_tol; under jit it is
     contained as above."""

@@ -178,15 +178,18 @@ class _ShineRefine(_AbstractAfterSolve):
 
     def solve(self, w, opt_state, outer_grad, losses):
         inverse = losses.inverse(w, opt_state)
-        v = inverse.mv(outer_grad)
         if not self.refine_steps:
-            return v
+            return inverse.mv(outer_grad)
+        # (Over its largest entry, as in "implicit": CG's inner products of a
+        # float32 gradient past 1.8e19 overflow, and refinement fell back silently.)
+        peak, vector = _normalised(outer_grad)
+        v = inverse.mv(vector)
         # rtol = atol = 0: no stopping rule but the step count.
         solver = lx.CG(rtol=0.0, atol=0.0, max_steps=self.refine_steps)
         options = {"y0": v, "preconditioner": inverse.as_operator()}
-        refined = _solve(losses.hessian(w), outer_grad, solver, options)
+        refined = _solve(losses.hessian(w), vector, solver, options)
         # A breakdown (lineax's CG turns a vanishing curvature into NaN) keeps v.
-        return jnp.where(jnp.all(jnp.isfinite(refined)), refined, v)
+        return peak * jnp.where(jnp.all(jnp.isfinite(refined)), refined, v)
 
 
 class _Implicit(_AbstractAfterSolve):
@@ -204,14 +207,18 @@ class _Implicit(_AbstractAfterSolve):
         tol, ok = _usable_tol(self.implicit_tol, "implicit_tol")
         if ok is not None:  # an unusable traced tol: stop at once, left out later
             tol = jnp.where(ok, tol, jnp.inf)
-        scale = jnp.maximum(jnp.linalg.norm(outer_grad), jnp.finfo(w.dtype).tiny)
+        # Solved for the outer gradient over its largest entry, then scaled back
+        # (the solve is linear): a float32 gradient past 1.8e19 overflows its norm
+        # (the tolerance was inf and CG stopped at 0) and CG's inner products.
+        peak, vector = _normalised(outer_grad)
+        scale = jnp.maximum(jnp.linalg.norm(vector), jnp.finfo(w.dtype).tiny)
         solver = lx.CG(
             rtol=0.0,
             atol=tol * scale,
             norm=jnp.linalg.norm,
             max_steps=self.implicit_max_steps,
         )
-        return _solve(losses.hessian(w), outer_grad, solver, {})
+        return peak * _solve(losses.hessian(w), vector, solver, {})
 
 
 class _JacobianFree(_AbstractAfterSolve):
@@ -220,6 +227,15 @@ class _JacobianFree(_AbstractAfterSolve):
     def solve(self, w, opt_state, outer_grad, losses):
         del w, opt_state, losses
         return outer_grad
+
+
+def _normalised(vector: Array) -> tuple[Array, Array]:
+    """`(peak, vector / peak)` with `peak` the largest magnitude (1 where that is 0
+    or not finite): a linear solve for the second, times the first, is the solve for
+    `vector`, without overflowing its norm or inner products."""
+    peak = jnp.max(jnp.abs(vector))
+    peak = jnp.where(jnp.isfinite(peak) & (peak > 0), peak, 1).astype(vector.dtype)
+    return peak, vector / peak
 
 
 def _solve(operator, vector, solver, options) -> Array:

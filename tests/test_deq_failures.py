@@ -450,3 +450,10 @@ def test_a_non_finite_cotangent_is_not_blamed_on_shine():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         jax.grad(lambda x: jnp.nan * jnp.sum(deq(x, jnp.zeros(1))))(jnp.array([1.0]))
+
+
+def test_failure_message_of_a_direct_lineax_solver_names_tol():
+    """LU has no atol, rtol or max_steps: its residual is judged against `tol`, and
+    the warning must say so rather than name limits the solver does not have."""
+    message = optax_pes.Implicit(linear_solver=lx.LU(), tol=1e-5).failure()
+    assert "tol=1e-05" in message and "max_steps" not in message

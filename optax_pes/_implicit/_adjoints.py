@@ -346,12 +346,15 @@ class Implicit(_AbstractCotangentAdjoint):
         if isinstance(self.linear_solver, str):
             what = f"it did not reach tol={self.tol} within max_steps={self.max_steps}"
             fix = "Raise max_steps or tol"
-        else:  # a lineax solver: its own tolerance and step limit (not tol, max_steps)
+        elif hasattr(self.linear_solver, "atol"):  # its own tolerance and steps
             what = (
                 "it did not bring the residual within 10x the linear_solver's atol + "
                 "rtol |zbar| in the linear_solver's own max_steps"
             )
             fix = "Raise the linear_solver's max_steps or tolerances"
+        else:  # a direct lineax solver (LU, QR, ...): judged against tol
+            what = f"its residual was not within 10x tol={self.tol} times (1 + |zbar|)"
+            fix = "Raise tol"
         return (
             f"{what} (or was not finite); those samples used the Jacobian-free "
             f"w = zbar instead. {fix}, check that the forward solve converged "

@@ -13,8 +13,8 @@ initialisation and minibatch order per seed); only the backward pass differs:
 - `JacobianFree()`: the cotangent passed through unchanged;
 - `Implicit(tol=1e-4)`: the implicit gradient, GMRES to a relative 1e-4;
 - `Implicit(tol=1e-4), GMRES(20)`: the control, the same implicit gradient by GMRES
-  with longer cycles: what rounding alone does to the accuracy (the noise floor of
-  every comparison in the table);
+  with longer cycles: what a difference within the solve's tolerance and float32
+  rounding does to the accuracy (the noise floor of every comparison in the table);
 - `Phantom(k=5, damping=0.5)`: backprop through 5 damped steps from the fixed point;
 
 and, as the explicit baseline, the same stem, cell and head (the same parameters)
@@ -56,9 +56,10 @@ ADJOINTS = {
     # GMRES to 1e-4: in float32 the default 1e-6 is out of reach on this layer (the
     # solve would run to max_steps and fall back to Jacobian-free).
     "Implicit(tol=1e-4)": optax_pes.Implicit(tol=1e-4),
-    # The control: the same gradient (to the same tolerance), computed by GMRES with
+    # The control: the same gradient to the same tolerance, computed by GMRES with
     # cycles of 20 steps instead of 10. Its accuracy differs from Implicit's only
-    # through float32 rounding, amplified by training: the comparison's noise floor.
+    # within that tolerance and by float32 rounding, amplified by training: the
+    # comparison's noise floor.
     CONTROL: optax_pes.Implicit(
         tol=1e-4, linear_solver=lx.GMRES(rtol=1e-4, atol=1e-4, restart=20, max_steps=6)
     ),

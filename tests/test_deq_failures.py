@@ -29,6 +29,13 @@ class Layer(eqx.Module):
         return jnp.tanh(self.weight @ z + x)
 
 
+class Scaled(eqx.Module):
+    """z <- s z + x with s = x[0]: J = s I, linear (Broyden solves it exactly)."""
+
+    def __call__(self, z, x):
+        return x[0] * z + x
+
+
 def problem(norm=0.5, seed=0):
     """A tanh layer's weight with spectral norm `norm`, an input and a cotangent."""
     k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
@@ -351,10 +358,6 @@ def test_failed_backward_solve_falls_back_per_sample(x64):
     implicit gradient. z <- s z + x with s = x[0]: the iteration on w diverges for
     s = 1.5 and converges for s = 0.5 (the forward is linear: Broyden solves both)."""
 
-    class Scaled(eqx.Module):
-        def __call__(self, z, x):
-            return x[0] * z + x
-
     xs = jnp.array([[1.5, 1.0, -1.0], [0.5, 0.5, 2.0]])
     cotangent = jnp.array([1.0, -2.0, 0.5])
 
@@ -382,10 +385,6 @@ def test_fixed_point_backward_that_overflows_the_norm_falls_back():
     inf while its step is still finite: `step <= tol * |w|` held, and the solve was
     called converged with a w of 1e19 or more (an inf parameter gradient on the
     multiscale DEQ, silently). It must fall back and warn, as any divergence does."""
-
-    class Scaled(eqx.Module):
-        def __call__(self, z, x):
-            return x[0] * z + x
 
     x = jnp.array([1.5, 1.0, -1.0])  # J = 1.5 I: w grows 1.5-fold per step
     cotangent = jnp.array([1.0, -2.0, 0.5])

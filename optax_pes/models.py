@@ -28,7 +28,7 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from optax_pes._checks import as_key, check_float, check_int, is_concrete
-from optax_pes._implicit._adjoints import AbstractAdjoint
+from optax_pes._implicit._adjoints import AbstractAdjoint, Shine
 from optax_pes._implicit._deq import DEQ
 from optax_pes._implicit._solvers import AbstractSolver, Broyden, SolveInfo
 
@@ -398,7 +398,11 @@ class MDEQClassifier(eqx.Module):
     - `channels`: one channel count per resolution, finest first.
     - `groups`, `gain`: as for `MDEQCell`.
     - `solver`: default `optax_pes.Broyden(max_steps=30, tol=1e-4, memory=30)`.
-    - `adjoint`: default `optax_pes.Shine()`.
+    - `adjoint`: default `optax_pes.Shine(refine_steps=5)`: SHINE's estimate
+      refined by five fixed-point steps. In `examples/mdeq_digits.py` (16 seeds,
+      cosine-decayed rate) it trained this model to 97.15 % test accuracy, the
+      implicit gradient to 96.49 % and plain `Shine()` to 95.76 %; under a
+      constant rate it and plain `Shine()` were within noise (see the DEQ docs).
     - `key`: a PRNG key or an int seed.
 
     **Example:**
@@ -451,6 +455,8 @@ class MDEQClassifier(eqx.Module):
         if solver is None:
             solver = Broyden(max_steps=30, tol=1e-4, memory=30)
         cell = MDEQCell(channels, groups=groups, gain=gain, key=k_cell)
+        if adjoint is None:
+            adjoint = Shine(refine_steps=5)
         self.deq = DEQ(cell, solver=solver, adjoint=adjoint)
         features = sum(channels)
         self.head_weight = _normal(

@@ -130,6 +130,14 @@ def test_three_resolutions_and_a_traced_constructor():
     )
 
 
+def test_default_adjoint_is_the_one_that_trains_it():
+    # examples/mdeq_digits.py (16 seeds, cosine rate): Shine(refine_steps=5)
+    # trained it to 97.15 %, Implicit to 96.49 %, plain Shine() to 95.76 %.
+    model = MDEQClassifier(1, 3, (2, 3), groups=1, key=0)
+    assert model.deq.adjoint == optax_pes.Shine(refine_steps=5)
+    assert model.deq.solver == optax_pes.Broyden(max_steps=30, tol=1e-4, memory=30)
+
+
 def test_building_blocks_are_channels_last():
     x = jax.random.normal(jax.random.key(0), (6, 4, 3))
     conv = Conv2d(3, 5, 3, 2, key=0)

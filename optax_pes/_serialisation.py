@@ -9,8 +9,10 @@ so when a file is truncated or corrupt rather than failing at some leaf.
 
 import io
 import json
+import os
 import pathlib
 import struct
+import tempfile
 from typing import Any, BinaryIO
 
 import equinox as eqx
@@ -23,14 +25,35 @@ _VERSION = 1
 
 
 def _is_key(x: Any) -> bool:
-    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(
+    """A typed PRNG key: an array, or a `jax.ShapeDtypeStruct` standing for one."""
+    return isinstance(x, (jax.Array, jax.ShapeDtypeStruct)) and jax.dtypes.issubdtype(
         x.dtype, jax.dtypes.prng_key
     )
 
 
+def _key_impl(x: jax.Array | jax.ShapeDtypeStruct) -> Any:
+    """The PRNG implementation of a typed key or of its shape-and-dtype stand-in."""
+    if isinstance(x, jax.Array):
+        return jax.random.key_impl(x)
+    found = []  # (key_impl takes arrays: a traced one stands in for the struct)
+    jax.eval_shape(lambda key: found.append(jax.random.key_impl(key)), x)
+    return found[0]
+
+
+def _as_array(x: Any) -> Any:
+    """A typed key's `jax.ShapeDtypeStruct` as a key array of its shape and
+    implementation (equinox's loader accepts stand-ins for plain arrays only)."""
+    if not (isinstance(x, jax.ShapeDtypeStruct) and _is_key(x)):
+        return x
+    impl = _key_impl(x)
+    data_shape = jax.random.key_data(jax.random.key(0, impl=impl)).shape
+    zeros = np.zeros(x.shape + data_shape, np.uint32)
+    return jax.random.wrap_key_data(zeros, impl=impl)
+
+
 def _leaf_spec(x: Any) -> str:
     if _is_key(x):
-        return f"key<{jax.random.key_impl(x)}>{list(x.shape)}"
+        return f"key<{_key_impl(x)}>{list(x.shape)}"
     if hasattr(x, "dtype") and hasattr(x, "shape"):
         return f"{np.dtype(x.dtype)}{list(np.shape(x))}"
     return type(x).__name__
@@ -69,7 +92,7 @@ def _save(f: BinaryIO, x: Any) -> None:
 def _load(f: BinaryIO, x: Any) -> Any:
     if _is_key(x):
         data = np.load(f)
-        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        return jax.random.wrap_key_data(data, impl=_key_impl(x))
     return eqx.default_deserialise_filter_spec(f, x)
 
 
@@ -111,8 +134,20 @@ def tree_serialise_leaves(path_or_file: str | pathlib.Path | BinaryIO, pytree: P
     ```
     """
     if isinstance(path_or_file, (str, pathlib.Path)):
-        with open(path_or_file, "wb") as f:
-            return tree_serialise_leaves(f, pytree)
+        # Written beside the target, then renamed over it (atomic on POSIX and
+        # Windows): an interruption while writing leaves the previous checkpoint.
+        path = pathlib.Path(path_or_file)
+        fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                tree_serialise_leaves(f, pytree)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            os.unlink(temporary)
+            raise
+        return None
     header = json.dumps(_header(pytree)).encode()
     path_or_file.write(_MAGIC + struct.pack("<Q", len(header)) + header)
     eqx.tree_serialise_leaves(path_or_file, pytree, filter_spec=_save)
@@ -129,7 +164,9 @@ def _read_header(f: BinaryIO) -> dict[str, Any]:
         (length,) = struct.unpack("<Q", size)
         header = json.loads(f.read(length).decode())
         version = header["version"]
-    except (struct.error, ValueError, KeyError, UnicodeDecodeError) as e:
+        if not all(isinstance(header[k], list) for k in ("paths", "leaves")):
+            raise ValueError("its paths and leaves are not lists")
+    except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise CheckpointError(
             f"the checkpoint's header is truncated or corrupt ({e})"
         ) from e
@@ -186,7 +223,9 @@ def tree_deserialise_leaves(
     _check_fits(header, like)
     body = io.BytesIO(path_or_file.read())
     try:
-        out = eqx.tree_deserialise_leaves(body, like, filter_spec=_load)
+        out = eqx.tree_deserialise_leaves(
+            body, jax.tree.map(_as_array, like), filter_spec=_load
+        )
     except Exception as e:  # noqa: BLE001 - numpy's errors on a short read vary
         raise CheckpointError(
             "the checkpoint is truncated or corrupt: its leaves could not be read "

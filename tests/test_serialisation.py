@@ -92,3 +92,56 @@ def test_a_string_leaf_is_restored_not_taken_from_like():
         _saved({"f": jnp.tanh, "theta": THETA}), {"f": jnp.sin, "theta": THETA}
     )
     assert restored["f"] is jnp.sin
+
+
+def test_an_interrupted_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    # Before: a path was opened with "wb" and rewritten in place, so an interruption
+    # (preemption, Ctrl-C, a full disk) while writing lost the good checkpoint too.
+    path = tmp_path / "run.eqx"
+    optax_pes.tree_serialise_leaves(path, {"theta": THETA})
+
+    def interrupted(f, tree, filter_spec):
+        f.write(b"\0" * 64)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(
+            optax_pes._serialisation.eqx, "tree_serialise_leaves", interrupted
+        )
+        with pytest.raises(KeyboardInterrupt):
+            optax_pes.tree_serialise_leaves(path, {"theta": THETA + 1})
+    restored = optax_pes.tree_deserialise_leaves(path, {"theta": jnp.zeros(1)})
+    np.testing.assert_array_equal(restored["theta"], THETA)
+    assert [p.name for p in tmp_path.iterdir()] == ["run.eqx"]  # no temporary left
+    optax_pes.tree_serialise_leaves(path, {"theta": THETA + 1})  # and it still saves
+    restored = optax_pes.tree_deserialise_leaves(path, {"theta": jnp.zeros(1)})
+    np.testing.assert_array_equal(restored["theta"], THETA + 1)
+
+
+def test_like_may_be_shapes_and_dtypes_only():
+    # jax.eval_shape of an init: ShapeDtypeStructs, typed keys included (before: a
+    # bare numpy TypeError for the key).
+    tx = _chain(optax.adam(1e-2))
+    state = tx.init(THETA)
+    like = jax.eval_shape(lambda: (THETA, tx.init(THETA)))
+    theta, restored = _load(_saved((THETA, state)), like)
+    np.testing.assert_array_equal(theta, THETA)
+    key = restored[0].rng_key
+    assert jax.random.key_impl(key) == jax.random.key_impl(state[0].rng_key)
+    np.testing.assert_array_equal(
+        jax.random.key_data(key), jax.random.key_data(state[0].rng_key)
+    )
+    with pytest.raises(ValueError, match="expects key<rbg>"):
+        _load(
+            _saved({"k": jax.random.key(0)}),
+            {"k": jax.ShapeDtypeStruct((), jax.random.key(0, impl="rbg").dtype)},
+        )
+
+
+def test_a_header_without_its_fields_is_corrupt():
+    data = _saved({"theta": THETA})
+    magic = optax_pes._serialisation._MAGIC
+    header = b'{"version": 1}'
+    bad = magic + len(header).to_bytes(8, "little") + header
+    with pytest.raises(ValueError, match="header is truncated or corrupt"):
+        _load(bad + data[len(bad) :], {"theta": THETA})

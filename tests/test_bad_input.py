@@ -495,3 +495,21 @@ def test_sigma_below_thetas_resolution_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         optax_pes.pes(_system(), **_kwargs(sigma=1e-3)).init(theta)
+
+
+def test_init_inside_a_trace_of_concrete_params():
+    # jax.eval_shape / jax.jit of a function closing over concrete params (to size
+    # a restore target, say). Before: the sigma check's float() of a jnp max that
+    # the trace had staged raised a ConcretizationTypeError.
+    theta = jnp.array([0.3, -0.2])
+    tx = optax_pes.pes(_system(), **_kwargs())
+    expected = jax.eval_shape(tx.init, theta)
+    for traced in (
+        jax.eval_shape(lambda: tx.init(theta)),
+        jax.jit(lambda: tx.init(theta))(),
+    ):
+        assert jax.tree.structure(traced) == jax.tree.structure(expected)
+    with pytest.warns(RuntimeWarning, match="below the float32 spacing"):
+        jax.eval_shape(
+            lambda: optax_pes.pes(_system(), **_kwargs(sigma=1e-9)).init(theta)
+        )

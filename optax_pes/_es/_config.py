@@ -92,7 +92,8 @@ def check_sigma_for(sigma: Any, flat: jax.Array) -> None:
         )
     if not is_concrete(flat) or flat.size == 0:
         return
-    largest = float(jnp.max(jnp.abs(flat)))
+    # (NumPy: under a trace, jnp would stage even a concrete theta's max.)
+    largest = float(np.max(np.abs(np.asarray(flat))))
     spacing = largest * float(finfo.eps)
     if value < spacing:
         warnings.warn(

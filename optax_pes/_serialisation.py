@@ -12,7 +12,7 @@ import json
 import os
 import pathlib
 import struct
-import tempfile
+import uuid
 from typing import Any, BinaryIO
 
 import equinox as eqx
@@ -136,16 +136,18 @@ def tree_serialise_leaves(path_or_file: str | pathlib.Path | BinaryIO, pytree: P
     if isinstance(path_or_file, (str, pathlib.Path)):
         # Written beside the target, then renamed over it (atomic on POSIX and
         # Windows): an interruption while writing leaves the previous checkpoint.
+        # (A unique name opened "x", not mkstemp: the file gets the umask's
+        # permissions, as a checkpoint written in place did, not mkstemp's 0600.)
         path = pathlib.Path(path_or_file)
-        fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
         try:
-            with os.fdopen(fd, "wb") as f:
+            with open(temporary, "xb") as f:
                 tree_serialise_leaves(f, pytree)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(temporary, path)
         except BaseException:
-            os.unlink(temporary)
+            temporary.unlink(missing_ok=True)
             raise
         return None
     header = json.dumps(_header(pytree)).encode()

@@ -113,6 +113,9 @@ def test_an_interrupted_write_leaves_the_previous_checkpoint(tmp_path, monkeypat
     restored = optax_pes.tree_deserialise_leaves(path, {"theta": jnp.zeros(1)})
     np.testing.assert_array_equal(restored["theta"], THETA)
     assert [p.name for p in tmp_path.iterdir()] == ["run.eqx"]  # no temporary left
+    (tmp_path / "plain").write_bytes(b"")  # the umask's permissions, as before
+    assert path.stat().st_mode == (tmp_path / "plain").stat().st_mode
+    (tmp_path / "plain").unlink()
     optax_pes.tree_serialise_leaves(path, {"theta": THETA + 1})  # and it still saves
     restored = optax_pes.tree_deserialise_leaves(path, {"theta": jnp.zeros(1)})
     np.testing.assert_array_equal(restored["theta"], THETA + 1)

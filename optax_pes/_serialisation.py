@@ -112,7 +112,9 @@ def tree_serialise_leaves(path_or_file: str | pathlib.Path | BinaryIO, pytree: P
 
     **Arguments:**
 
-    - `path_or_file`: a path, or a binary file opened for writing.
+    - `path_or_file`: a path (written to a temporary file beside it, then renamed
+      over it: an interrupted write leaves the previous file as it was), or a binary
+      file opened for writing.
     - `pytree`: any pytree of arrays, keys, Python numbers and strings (other
       leaves, such as functions, are not saved: they come from `like` on loading).
 
@@ -212,7 +214,7 @@ def tree_deserialise_leaves(
 
     - `path_or_file`: a path, or a binary file opened for reading.
     - `like`: a pytree with the saved one's structure, shapes and dtypes (e.g. a fresh
-      `tx.init(theta)`); its values are ignored, except for leaves that are neither
+      `tx.init(theta)`, or `jax.eval_shape(tx.init, theta)`); its values are ignored, except for leaves that are neither
       arrays, keys, Python numbers nor strings (an Equinox module's activation
       function), which are not saved and come from `like`.
 

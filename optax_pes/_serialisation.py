@@ -214,9 +214,10 @@ def tree_deserialise_leaves(
 
     - `path_or_file`: a path, or a binary file opened for reading.
     - `like`: a pytree with the saved one's structure, shapes and dtypes (e.g. a fresh
-      `tx.init(theta)`, or `jax.eval_shape(tx.init, theta)`); its values are ignored, except for leaves that are neither
-      arrays, keys, Python numbers nor strings (an Equinox module's activation
-      function), which are not saved and come from `like`.
+      `tx.init(theta)`, or `jax.eval_shape(tx.init, theta)`); its values are
+      ignored, except for leaves that are neither arrays, keys, Python numbers nor
+      strings (an Equinox module's activation function), which are not saved and
+      come from `like`.
 
     **Returns:** `like` with the saved values.
     """

@@ -262,6 +262,38 @@ def test_backprop_through_a_latched_episode_stays_finite():
         assert bool(jnp.all(jnp.isfinite(estimate))), estimate
 
 
+class NaNAtDone(Countdown):
+    """Countdown whose done step returns a NaN observation with a finite reward that
+    depends on the action (a simulator that blew up and says so, as MuJoCo
+    Playground's `done = isnan(qpos).any()` does)."""
+
+    def step(self, state, action):
+        new = super().step(state, action)
+        return new._replace(
+            obs=jnp.where(new.t >= self.done_at, jnp.nan, new.obs),
+            reward=jnp.where(new.t > self.done_at, jnp.nan, -jnp.sum(action**2)),
+        )
+
+
+def test_a_non_finite_observation_at_done_does_not_reach_theta():
+    # Before: the latched steps still applied the policy to the held NaN observation
+    # and its VJP put 0 * NaN into theta's gradient; tbptt then dropped the window.
+    policy = lambda theta, obs: theta * (obs + 1)  # noqa: E731
+    theta = jnp.ones(1)
+    ended = tasks.control_system(NaNAtDone(3), policy, horizon=3)
+    longer = tasks.control_system(NaNAtDone(3), policy, horizon=6)
+    grad = lambda system: jax.grad(  # noqa: E731
+        lambda th: jnp.sum(optax_pes.unroll(system, th))
+    )(theta)
+    # Losses theta^2 (1 + 4 + 9), then exactly 0: the gradient is 28 theta.
+    np.testing.assert_array_equal(grad(ended), [28.0])
+    np.testing.assert_array_equal(grad(longer), [28.0])
+    tx = optax_pes.tbptt(longer, truncation_length=6, key=0)
+    estimate, state = jax.jit(tx.update)(jnp.zeros(1), tx.init(theta), theta)
+    np.testing.assert_allclose(estimate, [28.0], rtol=1e-6)
+    assert int(state.diagnostics.num_nonfinite) == 0
+
+
 # -- keys ------------------------------------------------------------------------------
 
 
@@ -400,6 +432,51 @@ def test_observation_statistics():
         Countdown(3), lambda theta, obs: theta * obs, jnp.ones(1), horizon=1
     )
     assert mean.tolist() == [0.0] and std.tolist() == [1.0]
+    # A NaN observation at the done step is not counted (before: 0 * NaN = NaN).
+    mean, std = tasks.observation_statistics(
+        NaNAtDone(3), lambda theta, obs: theta * obs, jnp.ones(1), horizon=8
+    )
+    np.testing.assert_allclose(mean, [1.0], rtol=1e-6)
+    np.testing.assert_allclose(std, [np.sqrt(2.0 / 3.0)], rtol=1e-6)
+
+
+class Offset(Countdown):
+    """Observations 3000 + t / 2: a large offset next to a small spread."""
+
+    def step(self, state, action):
+        new = super().step(state, action)
+        return new._replace(obs=3000.0 + 0.5 * new.t * jnp.ones(1))
+
+    def reset(self, key):
+        state = super().reset(key)
+        return state._replace(obs=jnp.full(1, 3000.0))
+
+
+def test_observation_statistics_of_offset_observations():
+    # Before: E[x^2] - E[x]^2 in float32 cancelled to <= 0, and the coordinate was
+    # taken for a constant (scale 1) although its std is 1.15.
+    mean, std = tasks.observation_statistics(
+        Offset(100), lambda theta, obs: theta * obs, jnp.ones(1), horizon=8
+    )
+    observations = 3000.0 + 0.5 * np.arange(8)
+    np.testing.assert_allclose(mean, [observations.mean()], rtol=1e-6)
+    np.testing.assert_allclose(std, [observations.std()], rtol=1e-4)
+
+
+@pytest.mark.parametrize("make", ["linear", "mlp"])
+def test_integer_observations_are_normalised_in_floats(make):
+    # Before: obs_mean and obs_scale were cast to the observation's dtype, so an
+    # int32 observation met obs_scale 0.5 -> 0 (an infinite action) and mean 1.5 -> 1.
+    norm = dict(obs_mean=[1.5, 0.0], obs_scale=[0.5, 1.0])
+    if make == "linear":
+        policy, theta = tasks.linear_policy(2, 1, **norm)
+        theta = jnp.ones_like(theta)
+    else:
+        policy, theta = tasks.mlp_policy(2, 1, key=0, hidden_sizes=(3,), **norm)
+        theta[-1]["w"] = jnp.ones_like(theta[-1]["w"])
+    floats = policy(theta, jnp.array([2.0, 3.0]))
+    np.testing.assert_array_equal(policy(theta, jnp.array([2, 3], jnp.int32)), floats)
+    assert bool(jnp.all(jnp.isfinite(floats)))
 
 
 @pytest.mark.parametrize(

@@ -200,14 +200,17 @@ def control_system(
     ) -> tuple[ControlState, Scalar]:
         del key  # the environment keeps its randomness in its state
         obs = state.env_state.obs
+        latched = state.done
         try:
-            action = policy(theta, obs)
+            # Once latched, the policy too runs on inputs cut off from theta: the
+            # held observation may be non-finite (a simulator that blew up and
+            # said done), and 0 * NaN in the policy's VJP would reach theta.
+            action = policy(*_cut_if(latched, (theta, obs)))
         except Exception as e:  # noqa: BLE001 - traced once: no runtime cost
             raise ValueError(
                 f"policy(theta, obs) failed on theta {describe(theta)} and obs "
                 f"{describe(obs)} ({type(e).__name__}: {e})"
             ) from e
-        latched = state.done
         try:
             # Once latched, the step runs on inputs cut off from theta: its outputs
             # are discarded below, and so must be its derivatives (an environment

@@ -43,6 +43,8 @@ def _normaliser(obs_dim: int, obs_mean: Any, obs_scale: Any, dtype) -> Normalise
                 f"the policy was built for observations of shape ({obs_dim},) "
                 f"(obs_dim), got shape {obs.shape}"
             )
+        if not jnp.issubdtype(obs.dtype, jnp.inexact):
+            obs = obs.astype(mean.dtype)  # integer observations: normalised in floats
         return (obs - mean.astype(obs.dtype)) / scale.astype(obs.dtype)
 
     return normalise
@@ -81,7 +83,9 @@ def linear_policy(
 
     - `obs_dim`, `act_dim`: the sizes of the (flat) observation and of the action.
     - `obs_mean`, `obs_scale`: $\mu$ and $s$, scalars or arrays of shape `(obs_dim,)`;
-      no normalisation by default. `obs_scale` must be positive.
+      no normalisation by default. `obs_scale` must be positive. Float observations
+      are normalised in their own dtype, integer ones (gymnax's grid worlds) in
+      `dtype`.
     - `action_bound`: clip every action coordinate to $[-b, b]$, or `None`.
     - `dtype`: the dtype of $\theta$.
 
@@ -234,20 +238,33 @@ def observation_statistics(
     system = control_system(env, policy, horizon=horizon, reset_key=reset_key)
 
     def episode(key):
+        # Welford's running mean and sum of squared deviations: E[x^2] - E[x]^2
+        # cancels in float32 when the observations' offset dwarfs their spread.
         state = system.init(theta, key)
+        obs0 = jnp.asarray(state.env_state.obs, jnp.float32)
+        zero = jnp.zeros_like(obs0)
 
-        def body(state, _):
-            obs = jnp.asarray(state.env_state.obs, jnp.float32)
-            weight = jnp.where(state.done, 0.0, 1.0)
+        def body(carry, _):
+            state, count, mean, m2 = carry
+            counted = ~state.done  # (after the end: not counted, whatever it holds)
+            obs = jnp.where(counted, jnp.asarray(state.env_state.obs, jnp.float32), 0)
+            new_count = count + counted
+            delta = jnp.where(counted, obs - mean, 0)
+            mean = mean + delta / jnp.maximum(new_count, 1)
+            m2 = m2 + delta * (obs - mean)
             state, _ = system.step(theta, state, key)
-            return state, (weight, weight * obs, weight * obs**2)
+            return (state, new_count, mean, m2), None
 
-        _, (w, s1, s2) = jax.lax.scan(body, state, None, length=system.horizon)
-        return jnp.sum(w), jnp.sum(s1, 0), jnp.sum(s2, 0)
+        start = (state, jnp.zeros((), jnp.float32), zero, zero)
+        (_, count, mean, m2), _ = jax.lax.scan(body, start, None, system.horizon)
+        return count, mean, m2
 
     keys = jax.random.split(as_key(key, "key"), num_episodes)
-    count, total, squares = jax.jit(jax.vmap(episode))(keys)
-    count, total, squares = jnp.sum(count), jnp.sum(total, 0), jnp.sum(squares, 0)
-    mean = total / count
-    std = jnp.sqrt(jnp.maximum(squares / count - mean**2, 0.0))
+    counts, means, m2s = jax.jit(jax.vmap(episode))(keys)
+    # The episodes' statistics pooled (Chan et al.'s parallel formula).
+    count = jnp.sum(counts)
+    counts = counts.reshape((-1,) + (1,) * (means.ndim - 1))  # against each obs
+    mean = jnp.sum(counts * means, 0) / count
+    m2 = jnp.sum(m2s, 0) + jnp.sum(counts * (means - mean[None]) ** 2, 0)
+    std = jnp.sqrt(m2 / count)
     return mean, jnp.where(std < 1e-6, 1.0, std)

@@ -595,6 +595,20 @@ def test_swimmer_needs_mujoco(monkeypatch):
         tasks.MJXSwimmer()
 
 
+@jax.numpy_rank_promotion("allow")
+def test_mjx_swimmer_traces_with_x64(x64):
+    # Before: step set ctrl to a float32 action where MJX's data is float64 under
+    # x64, and control_system refused the changed state (traced only: no compile).
+    pytest.importorskip("mujoco.mjx")
+    pytest.importorskip("gymnasium")
+    policy, theta = tasks.linear_policy(8, 2)
+    system = tasks.control_system(tasks.MJXSwimmer(), policy, horizon=10)
+    state = jax.eval_shape(system.init, theta, jax.random.key(0))
+    _, loss = jax.eval_shape(system.step, theta, state, jax.random.key(0))
+    assert state.env_state.data.ctrl.dtype == jnp.float64
+    assert loss.dtype == jnp.float32  # the swimmer's reward stays float32
+
+
 # -- the MJX swimmer (slow: MJX compiles for a minute or more on a CPU) ---------------
 # MJX itself broadcasts ranks implicitly: these tests allow it (conftest raises).
 

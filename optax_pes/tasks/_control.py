@@ -483,7 +483,8 @@ class MJXSwimmer:
 
     def step(self, state: SwimmerState, action: Float[Array, " 2"]) -> SwimmerState:
         """`frame_skip` simulator steps with `ctrl = action`."""
-        action = jnp.asarray(action, jnp.float32)
+        # (ctrl's dtype: MJX's data is float64 with jax_enable_x64.)
+        action = jnp.asarray(action, state.data.ctrl.dtype)
         if action.shape != (self.act_dim,):
             raise ValueError(
                 f"MJXSwimmer.step needs an action of shape ({self.act_dim},), got "

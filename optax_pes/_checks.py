@@ -123,14 +123,25 @@ def check_float_tree(tree: PyTree, name: str) -> None:
 def check_same_structure(
     got: PyTree, expected: PyTree, message: Callable[[str, str], str]
 ) -> None:
-    """Raise `ValueError(message(expected, got))` unless the two pytrees agree in
-    structure, shapes and dtypes."""
-    same = jax.tree.structure(got) == jax.tree.structure(expected) and all(
-        jnp.shape(a) == jnp.shape(b) and jnp.result_type(a) == jnp.result_type(b)
-        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True)
+    """Raise `ValueError(message(expected, got))`, followed by where they first
+    differ, unless the two pytrees agree in structure, shapes and dtypes."""
+    if jax.tree.structure(got) != jax.tree.structure(expected):
+        where = _structure_difference(got, expected, at="")
+        where = f"(root){where}" if where.startswith(" ") else where
+    else:
+        paths = jax.tree_util.tree_flatten_with_path(got)[0]
+        for (path, a), b in zip(paths, jax.tree.leaves(expected), strict=True):
+            if _leaf_type(a) != _leaf_type(b):
+                where = (
+                    f"{jax.tree_util.keystr(path) or '(root)'} is {_leaf_type(a)}, "
+                    f"expected {_leaf_type(b)}"
+                )
+                break
+        else:
+            return
+    raise ValueError(
+        f"{message(describe(expected), describe(got))} (first difference: {where})"
     )
-    if not same:
-        raise ValueError(message(describe(expected), describe(got)))
 
 
 def _dtype(x: Any) -> Any:

@@ -576,10 +576,12 @@ def test_typed_reset_key_accepted_where_raw_fails():
     "env, policy, match",
     [
         (_Changing(2), _policy, "env.step.*structure, shapes and dtypes of env.reset"),
+        # Named first: a large state (MJX's) made the difference hard to find.
+        (_Changing(2), _policy, r"first difference: \.obs is float32\[2\], expected"),
         (Countdown(2), lambda theta, obs: theta["w"] @ obs, r"policy\(theta, obs\)"),
         (LQEnv(0), lambda theta, obs: theta, r"env.step\(state, action\) failed"),
     ],
-    ids=["state-changes", "policy-fails", "action-does-not-fit"],
+    ids=["state-changes", "names-the-leaf", "policy-fails", "action-does-not-fit"],
 )
 def test_step_errors_name_their_cause(env, policy, match):
     system = tasks.control_system(env, policy, horizon=4)

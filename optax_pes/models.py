@@ -478,6 +478,13 @@ class MDEQClassifier(eqx.Module):
                 f"{jnp.shape(image)}"
             )
         _shapes(self.cell.channels, *jnp.shape(image)[:2], "image's (H, W)")
+        dtype = self.stem[0].weight.dtype
+        if jnp.result_type(image) != dtype:
+            raise TypeError(
+                f"image must have the model's dtype {dtype} (its parameters'), got "
+                f"{jnp.result_type(image)}: cast it, e.g. "
+                f"(image / 255).astype(jnp.{dtype}) for uint8 pixels"
+            )
         x = [self.stem_norms[0](self.stem[0](image))]
         for conv, norm in zip(self.stem[1:], self.stem_norms[1:], strict=True):
             x.append(norm(conv(jax.nn.relu(x[-1]))))

@@ -157,6 +157,9 @@ def test_bad_input_names_the_argument():
         model(jnp.ones((4, 4, 2)))
     with pytest.raises(ValueError, match=r"image's \(H, W\) must be .* got \(5, 4\)"):
         model(jnp.ones((5, 4, 1)))
+    # Before: lax's "conv_general_dilated requires arguments to have the same dtypes".
+    with pytest.raises(TypeError, match=r"image must have the model's dtype float32"):
+        model(jnp.ones((4, 4, 1), jnp.uint8))
     with pytest.raises(ValueError, match=r"groups must divide every channel count"):
         MDEQClassifier(1, 3, (2, 3), groups=2, key=0)
     with pytest.raises(TypeError, match=r"channels must be a non-empty tuple"):

@@ -27,6 +27,30 @@ class History(NamedTuple):
     #   first estimator, shape (updates,); empty without an estimator
 
 
+def _replicated_on_the_mesh(tree: PyTree) -> PyTree:
+    """`tree` with its one-device arrays replicated over the mesh that its other
+    arrays are spread over (an estimator's state given `mesh=`), if any: as the
+    chunks return them, so that the first chunk's program serves every chunk (theta
+    and the rest of an `optax.chain`'s state start on one device)."""
+    meshes = [
+        leaf.sharding.mesh
+        for leaf in jax.tree.leaves(tree)
+        if isinstance(getattr(leaf, "sharding", None), jax.sharding.NamedSharding)
+        and len(leaf.sharding.device_set) > 1
+    ]
+    if not meshes:
+        return tree
+    replicated = jax.sharding.NamedSharding(meshes[0], jax.sharding.PartitionSpec())
+
+    def place(leaf):
+        sharding = getattr(leaf, "sharding", None)
+        if sharding is None or len(sharding.device_set) > 1:
+            return leaf
+        return jax.device_put(leaf, replicated)
+
+    return jax.tree.map(place, tree)
+
+
 def _diagnostics(state: PyTree) -> Diagnostics | None:
     """The first estimator's `Diagnostics` inside an optax (chain) state."""
     found = [
@@ -104,6 +128,7 @@ def outer_loop(
         check_callable(on_chunk, "on_chunk", "on_chunk(theta, state, updates_done)")
     check_finite_params(theta, "theta")
     state = tx.init(theta) if state is None else state
+    theta, state = _replicated_on_the_mesh((theta, state))
 
     def one(carry, _):
         theta, state = carry

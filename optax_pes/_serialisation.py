@@ -240,4 +240,15 @@ def tree_deserialise_leaves(
         raise CheckpointError(
             "the checkpoint has data after the last leaf of `like`: it is corrupt"
         )
-    return _with_saved_strings(out, header.get("strings", {}))
+    return _with_saved_strings(
+        jax.tree.map(_placed_as, out, like), header.get("strings", {})
+    )
+
+
+def _placed_as(loaded: Any, like: Any) -> Any:
+    """`loaded` on the devices of `like` where it is spread over several (a state on
+    a mesh: restored as `init` made it, so a jitted update does not compile again)."""
+    sharding = getattr(like, "sharding", None)
+    if sharding is None or len(sharding.device_set) < 2:
+        return loaded
+    return jax.device_put(loaded, sharding)

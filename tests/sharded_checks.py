@@ -5,7 +5,9 @@
 starts, so it cannot share the test process). Run it directly the same way.
 """
 
+import contextlib
 import io
+import logging
 import sys
 
 import equinox as eqx
@@ -66,15 +68,40 @@ def estimators(training=True, **mesh):
     }
 
 
-def run(tx, theta, num_updates=4):
-    """`num_updates` jitted updates; the estimates and the final state."""
+def run(tx, theta, num_updates=4, state=None):
+    """`num_updates` jitted updates (from `state`, or from `init`); the estimates
+    and the final state. The update compiles once: the state `init` returns (or a
+    checkpoint restores) is laid out as the updates return it (before: only the
+    inner state was placed on the mesh, and the second call compiled again)."""
     update = jax.jit(tx.update)
-    state = tx.init(theta)
+    state = tx.init(theta) if state is None else state
     estimates = []
-    for _ in range(num_updates):
-        estimate, state = update(jnp.zeros_like(theta), state, theta)
-        estimates.append(estimate)
+    with _compilations() as compiled:
+        for _ in range(num_updates):
+            estimate, state = update(jnp.zeros_like(theta), state, theta)
+            estimates.append(estimate)
+    assert compiled.count("jit(update_fn)") <= 1, compiled  # (0: cached already)
     return jnp.stack(estimates), state
+
+
+@contextlib.contextmanager
+def _compilations():
+    """The names of the functions XLA compiled inside the block."""
+    names = []
+
+    class Handler(logging.Handler):
+        def emit(self, record):
+            message = record.getMessage()
+            if message.startswith("Finished XLA compilation of "):
+                names.append(message.split()[4])
+
+    handler, logger = Handler(), logging.getLogger("jax")
+    logger.addHandler(handler)
+    try:
+        with jax.log_compiles(True):
+            yield names
+    finally:
+        logger.removeHandler(handler)
 
 
 def check_equal(name, sharded, single):
@@ -139,15 +166,30 @@ def main(quick: bool = False) -> int:
     buffer = io.BytesIO()
     optax_pes.tree_serialise_leaves(buffer, state)
     buffer.seek(0)
-    state = optax_pes.tree_deserialise_leaves(buffer, tx.init(theta))
-    update = jax.jit(tx.update)
-    for _ in range(2):
-        estimate, state = update(jnp.zeros_like(theta), state, theta)
+    like = tx.init(theta)
+    state = optax_pes.tree_deserialise_leaves(buffer, like)
+    # Laid out as `like` (before: on one device, so the update compiled again).
+    shardings = lambda tree: [leaf.sharding for leaf in jax.tree.leaves(tree)]  # noqa: E731
+    assert shardings(state) == shardings(like), shardings(state)
+    estimates, state = run(tx, theta, num_updates=2, state=state)
+    estimate = estimates[-1]
     check_sharded("restored pes", state)
     check_equal(
         "restored pes", (estimate, state), (single["pes"][0][-1], single["pes"][1])
     )
     print("ok: a sharded state restored from a checkpoint continues", flush=True)
+    # outer_loop compiles its chunk once: theta and adam's state (on one device from
+    # init) are replicated over the estimator's mesh first (before: twice).
+    lq, _ = optax_pes.tasks.linear_quadratic(0, theta_shapes=(2,), horizon=12)
+    pes = optax_pes.pes(
+        lq, num_particles=8, sigma=0.1, truncation_length=4, key=3, mesh=explicit
+    )
+    with _compilations() as compiled:
+        optax_pes.outer_loop(
+            optax.chain(pes, optax.adam(1e-2)), theta, 12, chunk=4, progress=False
+        )
+    assert compiled.count("jit(<lambda>)") == 1, compiled
+    print("ok: outer_loop on a mesh compiles its chunk once", flush=True)
     return 0
 
 

@@ -37,17 +37,18 @@ def _sharded_checks(*args: str) -> str:
 
 def test_sharded_estimate_equals_single_device():
     # Staggered PES and TBPTT (both on a linear-quadratic system) on a 4-device mesh
-    # and on a 2x2 grid, and a sharded checkpoint restored: the default suite's share.
+    # and on a 2x2 grid, a sharded checkpoint restored, and outer_loop on a mesh, each
+    # compiling its update once: the default suite's share.
     # The slow test below runs PES on the training system.
     out = _sharded_checks("--quick")
-    assert out.count("ok:") == 4, out
+    assert out.count("ok:") == 5, out
 
 
 @pytest.mark.slow
 def test_every_sharded_estimator_equals_single_device():
     # Every estimator, and Auto as well as Explicit mesh axes (about 75 s).
     out = _sharded_checks()
-    assert out.count("ok:") == 9, out
+    assert out.count("ok:") == 10, out
 
 
 def test_mesh_errors_name_the_argument():

@@ -294,7 +294,8 @@ def estimator(
             thetas_after_reset=None if after is None else unravel_all(after),
         )
         estimate, new_state = credit(config, policy, state, d, result)
-        return add_to_updates(updates, estimate), new_state
+        # (Laid out as init lays it out: the next call's input types are these.)
+        return add_to_updates(updates, estimate), config.placement.shard(new_state)
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args

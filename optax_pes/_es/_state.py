@@ -134,8 +134,10 @@ def initial_state(
         inner_state = tile_groups(burn_in(config, params), members)
     else:
         inner_state = empty_inner_state(system, params, num_states)
-    return start_state(
-        config, inner_state=config.placement.shard(inner_state), noise=noise
+    # Every leaf placed as the updates return it (the particle axis split, the rest
+    # replicated over the mesh), so that a jitted update compiles once.
+    return config.placement.shard(
+        start_state(config, inner_state=inner_state, noise=noise)
     )
 
 

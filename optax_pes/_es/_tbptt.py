@@ -139,6 +139,7 @@ def tbptt(
             inner_state=result.inner_state,
             noise=NoNoise(),
         )
-        return add_to_updates(updates, estimate), new_state
+        # (Laid out as init lays it out: the next call's input types are these.)
+        return add_to_updates(updates, estimate), config.placement.shard(new_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

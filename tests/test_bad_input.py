@@ -497,6 +497,26 @@ def test_sigma_below_thetas_resolution_warns():
         optax_pes.pes(_system(), **_kwargs(sigma=1e-3)).init(theta)
 
 
+def test_sigma_below_one_leafs_resolution_warns():
+    # Before: the check read the flattened theta's dtype (float32 here), so a
+    # bfloat16 leaf whose perturbations all rounded away raised no warning.
+    system = optax_pes.UnrolledSystem(
+        init=lambda theta, key: jnp.zeros(()),
+        step=lambda theta, s, key: (
+            s,
+            jnp.sum(theta["a"].astype(jnp.float32) ** 2) + jnp.sum(theta["b"] ** 2),
+        ),
+        horizon=4,
+    )
+    theta = {"a": jnp.array([3.0], jnp.bfloat16), "b": jnp.array([3.0])}
+    tx = optax_pes.pes(system, num_particles=4, sigma=1e-3, truncation_length=2, key=0)
+    with pytest.warns(RuntimeWarning, match=r"below the bfloat16 spacing .*\['a'\]"):
+        tx.init(theta)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tx.init({"a": theta["b"], "b": theta["b"]})  # float32 resolves 1e-3 at 3
+
+
 def test_init_inside_a_trace_of_concrete_params():
     # jax.eval_shape / jax.jit of a function closing over concrete params (to size
     # a restore target, say). Before: the sigma check's float() of a jnp max that

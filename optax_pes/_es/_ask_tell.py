@@ -149,7 +149,7 @@ def ask_tell(
     def init(params: PyTree) -> EstimatorState:
         check_float_tree(params, "params")
         flat, _ = ravel_pytree(params)
-        check_sigma_for(sigma, flat)
+        check_sigma_for(sigma, flat, params)
         return start_state(
             config, inner_state=None, noise=policy.init_noise(config, flat)
         )

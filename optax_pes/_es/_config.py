@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import PRNGKeyArray
+from jaxtyping import PRNGKeyArray, PyTree
 
 from optax_pes._checks import as_key, check_int, is_concrete
 from optax_pes._es._system import UnrolledSystem
@@ -73,12 +73,14 @@ def check_sigma(sigma: Any) -> None:
             )
 
 
-def check_sigma_for(sigma: Any, flat: jax.Array) -> None:
+def check_sigma_for(sigma: Any, flat: jax.Array, params: PyTree) -> None:
     """At `init`, once theta's dtype and values are known: a concrete `sigma` that
-    is not a normal number in theta's dtype is an error (every score `eps / sigma^2`
-    would overflow and every window be dropped); one below the spacing of theta's
-    largest coordinate is warned about (`theta + eps` rounds to `theta` there, so
-    that coordinate's estimate is zero with antithetic pairs, noise without)."""
+    is not a normal number in the dtype of the flattened theta `flat` (where noise
+    and scores are computed) is an error (every score `eps / sigma^2` would overflow
+    and every window be dropped); one below the spacing of the largest coordinate of
+    a leaf of `params`, in that leaf's own dtype, is warned about (`theta + eps`
+    rounds to `theta` there, so that coordinate's estimate is zero with antithetic
+    pairs, noise without)."""
     if sigma is None or not is_concrete(sigma):
         return
     if not jnp.issubdtype(flat.dtype, jnp.floating):
@@ -90,21 +92,30 @@ def check_sigma_for(sigma: Any, flat: jax.Array) -> None:
             f"sigma must be a normal number in theta's dtype {flat.dtype} "
             f"(>= {float(finfo.tiny):.3g}), got {value:.3g}: its scores would overflow"
         )
-    if not is_concrete(flat) or flat.size == 0:
+    coarsest = None  # (spacing, largest |coordinate|, dtype, path) of the worst leaf
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        floating = jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
+        if not (floating and is_concrete(leaf)) or np.size(leaf) == 0:
+            continue  # (non-float leaves are refused by the params check)
+        # (NumPy: under a trace, jnp would stage even a concrete theta's max.)
+        largest = float(np.max(np.abs(np.asarray(leaf, np.float64))))
+        dtype = jnp.result_type(leaf)
+        spacing = largest * float(jnp.finfo(dtype).eps)
+        if coarsest is None or spacing > coarsest[0]:
+            coarsest = (spacing, largest, dtype, jax.tree_util.keystr(path))
+    if coarsest is None or value >= coarsest[0]:
         return
-    # (NumPy: under a trace, jnp would stage even a concrete theta's max.)
-    largest = float(np.max(np.abs(np.asarray(flat))))
-    spacing = largest * float(finfo.eps)
-    if value < spacing:
-        warnings.warn(
-            f"sigma={value:.3g} is below the {flat.dtype} spacing of theta's largest "
-            f"coordinate (|theta| = {largest:.3g}, spacing {spacing:.3g}): "
-            "theta + eps rounds to theta there, and its estimate is zero (antithetic) "
-            "or noise. Use a larger sigma or rescale theta"
-            + (", or float64 params." if finfo.bits < 64 else "."),
-            RuntimeWarning,
-            stacklevel=3,
-        )
+    spacing, largest, dtype, path = coarsest
+    where = f"theta{path}'s" if path else "theta's"
+    warnings.warn(
+        f"sigma={value:.3g} is below the {dtype} spacing of {where} largest "
+        f"coordinate (|theta| = {largest:.3g}, spacing {spacing:.3g}): "
+        "theta + eps rounds to theta there, and its estimate is zero (antithetic) "
+        "or noise. Use a larger sigma or rescale theta"
+        + (", or float64 params." if jnp.finfo(dtype).bits < 64 else "."),
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def check_num_particles(num_particles: Any, antithetic: bool) -> int:

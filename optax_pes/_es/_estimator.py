@@ -266,7 +266,7 @@ def estimator(
         if is_params_placeholder(params):
             return placeholder_state(config)
         flat, _ = ravel_pytree(params)
-        check_sigma_for(config.sigma, flat)
+        check_sigma_for(config.sigma, flat, params)
         return initial_state(
             config,
             params,

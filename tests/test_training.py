@@ -189,6 +189,42 @@ def test_tbptt_differentiates_through_training():
     assert jnp.all(jnp.isfinite(estimate)) and jnp.any(estimate != 0)
 
 
+@pytest.mark.parametrize("in_a_chain", [False, True])
+def test_inject_hyperparams_reads_theta_at_every_step(in_a_chain):
+    # optax.inject_hyperparams keeps numeric hyperparameters in its state, set by
+    # init: before, every step after an episode's first used the rate of the theta
+    # that started the episode, and tbptt's later windows got zero gradient.
+    x = jax.random.normal(jax.random.key(0), (64, 3))
+    y = x @ jnp.array([1.0, -2.0, 0.5])
+    wrap = optax.chain if in_a_chain else (lambda transform: transform)
+    estimates = {}
+    for name, optimizer in [
+        ("plain", lambda th: wrap(optax.sgd(jnp.exp(th)))),
+        (
+            "inject",
+            lambda th: wrap(
+                optax.inject_hyperparams(optax.sgd)(learning_rate=jnp.exp(th))
+            ),
+        ),
+    ]:
+        system = tasks.training_system(
+            jnp.zeros(3),
+            lambda w, x, y: jnp.mean((x @ w - y) ** 2),
+            optimizer,
+            (x, y),
+            horizon=20,
+            batch_size=16,
+        )
+        tx = optax_pes.tbptt(system, truncation_length=5, key=0)
+        theta, state = jnp.log(0.05), tx.init(jnp.log(0.05))
+        estimates[name] = []
+        for _ in range(4):
+            estimate, state = tx.update(jnp.zeros(()), state, theta)
+            estimates[name].append(float(estimate))
+    assert all(e != 0 for e in estimates["plain"])
+    np.testing.assert_allclose(estimates["inject"], estimates["plain"], rtol=1e-5)
+
+
 def test_lr_schedule_is_the_papers():
     theta = jnp.array([jnp.log(0.003), jnp.log(30.0)])
     schedule = tasks.lr_schedule(theta)

@@ -329,9 +329,9 @@ def training_system(
         (loss, model_state), grads = jax.value_and_grad(train_loss, has_aux=True)(
             state.params, state.model_state, sample_train(train_key), model_key
         )
-        updates, opt_state = optimizer(theta).update(
-            grads, state.opt_state, state.params
-        )
+        transform = optimizer(theta)
+        opt_state = _hyperparameters_of(transform, state.opt_state, state.params)
+        updates, opt_state = transform.update(grads, opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         if metric is not None:
             evaluated = parts.build(params, model_state, eval_key, False)
@@ -342,6 +342,34 @@ def training_system(
         return TrainingState(params, opt_state, state.step + 1, model_state), loss
 
     return UnrolledSystem(init=init, step=step, horizon=horizon)
+
+
+_INJECTED = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+
+
+def _hyperparameters_of(
+    transform: optax.GradientTransformation, opt_state: PyTree, params: PyTree
+) -> PyTree:
+    """`opt_state` with the hyperparameters `optax.inject_hyperparams` keeps in its
+    state set from `transform`, the optimizer of this step's theta.
+
+    `inject_hyperparams` stores numeric hyperparameters in its state at `init`, and
+    its `update` reads them from there: without this, every step of an episode would
+    use the theta that started it. (Schedules are re-evaluated by `update` itself.)
+    Without an injected state, `opt_state` as it is, at no cost.
+    """
+    is_injected = lambda x: isinstance(x, _INJECTED)  # noqa: E731
+    if not any(map(is_injected, jax.tree.leaves(opt_state, is_leaf=is_injected))):
+        return opt_state
+    fresh = transform.init(params)  # (only its hyperparameters survive compilation)
+    return jax.tree.map(
+        lambda old, new: (
+            old._replace(hyperparams=new.hyperparams) if is_injected(old) else old
+        ),
+        opt_state,
+        fresh,
+        is_leaf=is_injected,
+    )
 
 
 def _check_scalar(fn, parts, sample, name, takes_key, training) -> None:

@@ -317,6 +317,29 @@ def test_a_non_finite_hypergradient_never_reaches_the_updates(method):
     assert np.isfinite(float(state.hypergrad_norm))
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_a_non_finite_inner_loss_never_reaches_the_updates(method):
+    """An inner loss that is NaN in value (a log of a negative hyperparameter) but
+    whose gradient in w is finite: the line search rejects every step. Before, the
+    solve spun to inner_max_steps without moving and the hypergradient at the stale
+    warm start was added, eagerly and under jit."""
+    inner_loss, outer_loss = _losses(jnp.float32)
+
+    def bad_inner(w, h):
+        return inner_loss(w, h) + jnp.log(h["log_mu"] + 5.0)
+
+    tx = optax_pes.shine_bilevel(
+        bad_inner, outer_loss, inner_init=_inner_init(), method=method, **SETTINGS
+    )
+    bad = {"log_lam": _params()["log_lam"], "log_mu": jnp.asarray(-6.0)}
+    incoming = jax.tree.map(jnp.ones_like, bad)
+    for update in (tx.update, jax.jit(tx.update)):
+        updates, state = update(incoming, tx.init(bad), bad)
+        _assert_trees_equal(updates, incoming)
+        _assert_trees_equal(state.inner_params, _inner_init())
+        assert not np.isfinite(float(state.hypergrad_norm))
+
+
 def test_non_finite_hyperparameters():
     """Eagerly an error naming the leaf; under `jit` contained as above (every
     quantity of the update is then NaN, the kept warm start is the previous one)."""

@@ -277,11 +277,11 @@ def _inner_solve(
     w0: PyTree,
     tol: Array,
     max_steps: int,
-) -> tuple[Array, Any, Array, Array]:
+) -> tuple[Array, Any, Array, Array, Array]:
     r"""L-BFGS from `w0` until $\|\nabla_w f\| \le$ `tol` or `max_steps`.
 
-    Returns the flat solution, the optimizer's state, the gradient there and the
-    number of steps.
+    Returns the flat solution, the optimizer's state, the value and the gradient
+    there, and the number of steps.
     """
     w0_flat, unravel = ravel_pytree(w0)
     value_and_grad = jax.value_and_grad(lambda wf: value_fn(unravel(wf)))
@@ -315,8 +315,8 @@ def _inner_solve(
 
     value0, grad0 = value_and_grad(w0_flat)
     carry = (w0_flat, opt_state0, value0, grad0, jnp.zeros((), jnp.int32))
-    w, opt_state, _, grad, steps = jax.lax.while_loop(cond, body, carry)
-    return w, opt_state, grad, steps
+    w, opt_state, value, grad, steps = jax.lax.while_loop(cond, body, carry)
+    return w, opt_state, value, grad, steps
 
 
 def _loss_kwargs(names: tuple[str, ...], extra_args: dict[str, Any]) -> dict[str, Any]:
@@ -598,7 +598,7 @@ def shine_bilevel(
             outer_grad=jax.grad(lambda wf: g(wf, params)),
             hessian_diag=diag,
         )
-        w, opt_state, grad, steps = _inner_solve(
+        w, opt_state, value, grad, steps = _inner_solve(
             optimizer,
             strategy,
             losses,
@@ -619,7 +619,9 @@ def shine_bilevel(
         # it (not finite). The outer gradient is checked too: a linear solve may turn a
         # non-finite right-hand side into a finite, meaningless v. (Leaf by leaf:
         # a float32 norm of a large finite float64 hypergradient would overflow.)
-        finite = tree_all_finite((outer_grad, hypergrad))
+        # So does an inner loss that is not finite at w* (its line search rejects
+        # every step: w* was the stale warm start), though its gradient may be.
+        finite = tree_all_finite((outer_grad, hypergrad)) & jnp.isfinite(value)
         for ok in usable:
             finite = finite & ok
         norm = jnp.where(finite, global_norm_f32(hypergrad), jnp.nan)

@@ -303,6 +303,38 @@ def test_implicit_on_a_wide_float32_ridge():
     np.testing.assert_allclose(update, -(np.exp(-4.6) * w) @ v, rtol=5e-2)
 
 
+def test_float32_weights_with_a_float64_inner_loss():
+    # (This module runs with x64.) Before: the L-BFGS loop carried the float64 value
+    # of the loss, then the float32 one optax's line search stored, and lax's
+    # while_loop refused the changed carry type.
+    x = jnp.asarray(np.random.RandomState(0).randn(20, 5))  # float64
+
+    def inner(w, h):
+        return 0.5 * jnp.mean((x @ w - 1.0) ** 2) + 0.5 * jnp.exp(h) * w @ w
+
+    tx = optax_pes.shine_bilevel(
+        inner, lambda w, h: w @ w, inner_init=jnp.zeros(5, jnp.float32)
+    )
+    h = jnp.asarray(-1.0, jnp.float32)
+    update, state = tx.update(jnp.zeros_like(h), tx.init(h), h)
+    assert state.inner_params.dtype == jnp.float32
+    assert bool(state.inner_converged) and np.isfinite(float(update))
+
+
+@pytest.mark.parametrize("method", ["shine", "shine_refine", "implicit"])
+def test_weights_of_zero_size(method):
+    # Before: "zero-size array to reduction operation max" from the linear solves.
+    tx = optax_pes.shine_bilevel(
+        lambda w, h: jnp.sum(w**2) + h**2,
+        lambda w, h: jnp.sum(w) + 3.0 * h,
+        inner_init=jnp.zeros(0),
+        method=method,
+    )
+    h = jnp.asarray(0.5)
+    update, _ = tx.update(jnp.zeros_like(h), tx.init(h), h)
+    np.testing.assert_allclose(update, 3.0)  # the outer loss's own derivative
+
+
 def test_inner_solve_hitting_max_steps_is_reported():
     tx = optax_pes.shine_bilevel(
         inner_loss, outer_loss, inner_init=jnp.zeros(30), inner_max_steps=2

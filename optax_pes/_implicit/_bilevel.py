@@ -229,7 +229,7 @@ def _normalised(vector: Array) -> tuple[Array, Array]:
     """`(peak, vector / peak)` with `peak` the largest magnitude (1 where that is 0
     or not finite): a linear solve for the second, times the first, is the solve for
     `vector`, without overflowing its norm or inner products."""
-    peak = jnp.max(jnp.abs(vector))
+    peak = jnp.max(jnp.abs(vector), initial=0)  # (0 for a zero-size w)
     peak = jnp.where(jnp.isfinite(peak) & (peak > 0), peak, 1).astype(vector.dtype)
     return peak, vector / peak
 
@@ -307,11 +307,13 @@ def _inner_solve(
         )
         wf = wf + ravel_pytree(updates)[0]
         if reuse:
-            value = optax.tree.get(opt_state, "value")
+            new_value = optax.tree.get(opt_state, "value")
             grad = ravel_pytree(optax.tree.get(opt_state, "grad"))[0]
         else:
-            value, grad = value_and_grad(wf)
-        return wf, opt_state, value, grad, k + 1
+            new_value, grad = value_and_grad(wf)
+        # (The line search stores the value in the weights' dtype, which may not be
+        # the loss's: the loop's carry keeps one.)
+        return wf, opt_state, new_value.astype(value.dtype), grad, k + 1
 
     value0, grad0 = value_and_grad(w0_flat)
     carry = (w0_flat, opt_state0, value0, grad0, jnp.zeros((), jnp.int32))

@@ -533,3 +533,10 @@ def test_init_inside_a_trace_of_concrete_params():
         jax.eval_shape(
             lambda: optax_pes.pes(_system(), **_kwargs(sigma=1e-9)).init(theta)
         )
+
+
+def test_params_with_nothing_to_perturb():
+    # Before: "zero-size array to reduction operation max" from inside the update.
+    tx = optax_pes.pes(_system(), **_kwargs())
+    with pytest.raises(ValueError, match="params must hold at least one number"):
+        tx.init({"a": jnp.zeros(0)})

@@ -25,6 +25,7 @@ from optax_pes._checks import (
 )
 from optax_pes._es._config import (
     EstimatorConfig,
+    check_not_empty,
     check_num_particles,
     check_sigma,
     check_sigma_for,
@@ -149,6 +150,7 @@ def ask_tell(
     def init(params: PyTree) -> EstimatorState:
         check_float_tree(params, "params")
         flat, _ = ravel_pytree(params)
+        check_not_empty(flat, params)
         check_sigma_for(sigma, flat, params)
         return start_state(
             config, inner_state=None, noise=policy.init_noise(config, flat)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import PRNGKeyArray, PyTree
 
-from optax_pes._checks import as_key, check_int, is_concrete
+from optax_pes._checks import as_key, check_int, describe, is_concrete
 from optax_pes._es._system import UnrolledSystem
 from optax_pes._placement import Placement, placement
 
@@ -71,6 +71,15 @@ def check_sigma(sigma: Any) -> None:
             raise ValueError(
                 f"sigma must be a positive finite standard deviation, got {value}"
             )
+
+
+def check_not_empty(flat: jax.Array, params: PyTree) -> None:
+    """An ES estimate needs at least one coordinate of theta to perturb."""
+    if flat.size == 0:
+        raise ValueError(
+            "params must hold at least one number to estimate a gradient for, got "
+            f"{describe(params)}"
+        )
 
 
 def check_sigma_for(sigma: Any, flat: jax.Array, params: PyTree) -> None:

@@ -32,7 +32,7 @@ from optax_pes._checks import (
     require_params,
     state_checker,
 )
-from optax_pes._es._config import EstimatorConfig, check_sigma_for
+from optax_pes._es._config import EstimatorConfig, check_not_empty, check_sigma_for
 from optax_pes._es._state import (
     EstimatorState,
     initial_state,
@@ -266,6 +266,7 @@ def estimator(
         if is_params_placeholder(params):
             return placeholder_state(config)
         flat, _ = ravel_pytree(params)
+        check_not_empty(flat, params)
         check_sigma_for(config.sigma, flat, params)
         return initial_state(
             config,

@@ -42,9 +42,9 @@ def _replicated_on_the_mesh(tree: PyTree) -> PyTree:
         return tree
     replicated = jax.sharding.NamedSharding(meshes[0], jax.sharding.PartitionSpec())
 
-    def place(leaf):
+    def place(leaf):  # (NumPy arrays and Python numbers too: they have none)
         sharding = getattr(leaf, "sharding", None)
-        if sharding is None or len(sharding.device_set) > 1:
+        if sharding is not None and len(sharding.device_set) > 1:
             return leaf
         return jax.device_put(leaf, replicated)
 

@@ -186,7 +186,11 @@ def main(quick: bool = False) -> int:
     )
     with _compilations() as compiled:
         optax_pes.outer_loop(
-            optax.chain(pes, optax.adam(1e-2)), theta, 12, chunk=4, progress=False
+            optax.chain(pes, optax.adam(1e-2)),
+            np.asarray(theta),
+            12,
+            chunk=4,
+            progress=False,
         )
     assert compiled.count("jit(<lambda>)") == 1, compiled
     print("ok: outer_loop on a mesh compiles its chunk once", flush=True)

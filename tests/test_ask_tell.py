@@ -85,6 +85,25 @@ def test_jit_and_nonfinite_losses():
     assert bool(state.needs_init[1])  # the pair restarts
 
 
+def test_disagreeing_pair_flags_under_jit_leave_the_pair_out():
+    # Eagerly an error (below); under jit it cannot raise. Before, the + member's
+    # flag was used silently; now the pair is left out and counted, as a pair
+    # with a non-finite loss is.
+    at = optax_pes.ask_tell("pes", num_particles=N, sigma=0.1, key=0)
+    theta = jnp.array([0.5, -0.5])
+    state = at.init(theta)
+    ask = jax.jit(at.ask)(state, theta)
+    losses = jnp.sum(ask.thetas**2, axis=1)
+    ended = jnp.array([False, True, False, False])  # pair 1: particles 1 and 3
+    estimate, new_state = jax.jit(at.tell)(state, theta, losses, ended)
+    assert int(new_state.diagnostics.num_nonfinite) == 2
+    assert bool(new_state.needs_init[1])  # the pair restarts
+    # The estimate is pair 0's alone: that of its losses with pair 1's made NaN.
+    nan = losses.at[jnp.array([1, 3])].set(jnp.nan)
+    expected, _ = jax.jit(at.tell)(state, theta, nan, jnp.zeros(N, bool))
+    np.testing.assert_array_equal(estimate, expected)
+
+
 def test_bad_input_names_the_argument():
     at = optax_pes.ask_tell("pes", num_particles=N, sigma=0.1, key=0)
     theta = jnp.zeros(2)

@@ -94,7 +94,8 @@ def ask_tell(
     (before the reset, credited to the old episode) and `losses_after` (credited to
     the new episode, which ran at `ask.thetas_after_reset`). The two members of an
     antithetic pair (particles `i` and `i + N/2`) share an episode clock: their flags
-    must agree, and they should share the inner problem's randomness (the same
+    must agree (eagerly an error; under `jit` the pair is left out and counted in
+    `num_nonfinite`), and they should share the inner problem's randomness (the same
     minibatches). Non-finite losses leave their pair out and restart it, as in `pes`.
 
     **Arguments:**
@@ -169,7 +170,11 @@ def ask_tell(
             jnp.tile(state.needs_init, members),
         )
 
-    def per_group(flags: Any, name: str) -> Bool[Array, " groups"]:
+    def per_group(
+        flags: Any, name: str
+    ) -> tuple[Bool[Array, " groups"], Bool[Array, " groups"]]:
+        """The flags of each group, and whether its members' flags agree (eagerly,
+        disagreeing flags are an error; under jit such a group is left out)."""
         flags = jnp.asarray(flags)
         if flags.shape != (num_particles,) or flags.dtype != bool:
             raise ValueError(
@@ -184,7 +189,7 @@ def ask_tell(
                 f"{name}: the members of an antithetic pair (particles i and "
                 f"i + {groups}) share an episode clock, so their flags must agree"
             )
-        return by_member[0]
+        return by_member[0], jnp.all(by_member == by_member[:1], axis=0)
 
     def losses_of(values: Any, name: str) -> Float[Array, " particles"]:
         values = jnp.asarray(values)
@@ -207,14 +212,18 @@ def ask_tell(
     ) -> tuple[PyTree, EstimatorState]:
         check_state(state, params)
         losses = losses_of(losses, "losses")
-        ended = per_group(ended, "ended")
+        ended, agree = per_group(ended, "ended")
         if (losses_after is None) != (reset_inside is None):
             raise ValueError("losses_after and reset_inside go together: pass both")
         if reset_inside is None:
             after, inside = jnp.zeros_like(losses), jnp.zeros(groups, bool)
         else:
             after = losses_of(losses_after, "losses_after").astype(losses.dtype)
-            inside = per_group(reset_inside, "reset_inside")
+            inside, agree_inside = per_group(reset_inside, "reset_inside")
+            agree = agree & agree_inside
+        # A pair whose members' flags disagree (possible only under jit) is left
+        # out and counted, as a pair with a non-finite loss is.
+        losses = jnp.where(jnp.tile(agree, members), losses, jnp.nan)
         result = WindowResult(
             inner_state=None,
             remaining=jnp.ones(groups, jnp.int32),  # the caller's clocks

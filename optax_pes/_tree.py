@@ -1,5 +1,6 @@
 """Small pytree utilities both halves of the library use."""
 
+import functools
 from typing import Any
 
 import equinox as eqx
@@ -64,3 +65,16 @@ def global_norm_f32(tree: PyTree) -> Array:
     """The l2 norm of all leaves, as a float32 scalar (for diagnostics)."""
     sq = sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))
     return jnp.sqrt(jnp.asarray(sq, jnp.float32))
+
+
+def scaled_global_norm_f32(tree: PyTree) -> Array:
+    """`global_norm_f32` computed over the largest entry, so that it is finite for
+    every tree of finite float32 values (squaring overflows past 1.8e19)."""
+    leaves = [x.astype(jnp.float32).ravel() for x in jax.tree.leaves(tree)]
+    if not leaves:
+        return jnp.zeros((), jnp.float32)
+    peak = functools.reduce(
+        jnp.maximum, [jnp.max(jnp.abs(x), initial=0) for x in leaves]
+    )
+    scale = jnp.where((peak > 0) & jnp.isfinite(peak), peak, 1)
+    return scale * jnp.sqrt(sum(jnp.sum(jnp.square(x / scale)) for x in leaves))

@@ -335,6 +335,20 @@ def test_weights_of_zero_size(method):
     np.testing.assert_allclose(update, 3.0)  # the outer loss's own derivative
 
 
+def test_a_large_finite_hypergradient_has_a_finite_norm():
+    # Before: hypergrad_norm squared in float32 and read inf, which the docs give as
+    # the sign of an update left out, though this one was added.
+    tx = optax_pes.shine_bilevel(
+        lambda w, h: jnp.sum((w - 1.0) ** 2),
+        lambda w, h: jnp.sum(1e30 * h),
+        inner_init=jnp.zeros(2, jnp.float32),
+    )
+    h = jnp.ones(3, jnp.float32)
+    update, state = tx.update(jnp.zeros_like(h), tx.init(h), h)
+    np.testing.assert_array_equal(update, np.full(3, 1e30, np.float32))
+    np.testing.assert_allclose(state.hypergrad_norm, np.sqrt(3) * 1e30, rtol=1e-6)
+
+
 def test_inner_solve_hitting_max_steps_is_reported():
     tx = optax_pes.shine_bilevel(
         inner_loss, outer_loss, inner_init=jnp.zeros(30), inner_max_steps=2

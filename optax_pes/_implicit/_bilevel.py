@@ -48,7 +48,7 @@ from optax_pes._checks import (
     require_params,
 )
 from optax_pes._implicit import _lbfgs
-from optax_pes._tree import add_to_updates, global_norm_f32, tree_all_finite
+from optax_pes._tree import add_to_updates, scaled_global_norm_f32, tree_all_finite
 
 Method = Literal["shine", "shine_opa", "shine_refine", "implicit", "jacobian_free"]
 
@@ -626,7 +626,8 @@ def shine_bilevel(
         finite = tree_all_finite((outer_grad, hypergrad)) & jnp.isfinite(value)
         for ok in usable:
             finite = finite & ok
-        norm = jnp.where(finite, global_norm_f32(hypergrad), jnp.nan)
+        # (Scaled: a finite float32 hypergradient past 1.8e19 read as inf, left out.)
+        norm = jnp.where(finite, scaled_global_norm_f32(hypergrad), jnp.nan)
         hypergrad = jax.tree.map(lambda a: jnp.where(finite, a, 0), hypergrad)
         # A left-out update keeps the previous warm start.
         w = jnp.where(finite & tree_all_finite(w), w, w0_flat)

@@ -206,8 +206,9 @@ def test_float64_kept_and_state_survives_lax_cond(method, x64):
 
 
 def test_chain_in_multisteps_inside_scan():
-    """`MultiSteps` calls the transformation on emitting mini-steps only (every
-    second one): its count advances then, and the other steps update nothing."""
+    """`MultiSteps` calls the transformation on every mini-step and keeps its state
+    on emitting ones only (every second one): its count advances then, and the
+    other steps update nothing."""
     tx = optax.MultiSteps(
         optax.chain(_make("shine"), optax.adam(0.1)), every_k_schedule=2
     )

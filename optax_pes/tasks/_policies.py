@@ -225,7 +225,8 @@ def observation_statistics(
 
     **Arguments:**
 
-    - `env`, `reset_key`: as in `optax_pes.tasks.control_system`.
+    - `env`, `reset_key`: as in `optax_pes.tasks.control_system`; the observation
+      must be one array (as for `linear_policy` and `mlp_policy`), not a pytree.
     - `policy`, `theta`: the policy to roll out and its parameters.
     - `horizon`: steps per episode.
     - `num_episodes`: independent episodes (reset keys split from `key`).

@@ -225,6 +225,33 @@ def test_inject_hyperparams_reads_theta_at_every_step(in_a_chain):
     np.testing.assert_allclose(estimates["inject"], estimates["plain"], rtol=1e-5)
 
 
+def test_accuracy_error_of_a_diverged_model_is_nan():
+    # Before: argmax of all-NaN logits is class 0, so a diverged model scored as
+    # "always class 0" (finite), and the estimators never counted the divergence.
+    error = tasks.accuracy_error(lambda w, x: x @ w)
+    x, labels = jnp.eye(3), jnp.array([0, 0, 1])
+    assert float(error(jnp.eye(3), x, labels)) == pytest.approx(2 / 3)  # [0, 1, 2]
+    assert np.isnan(float(error(jnp.full((3, 3), jnp.nan), x, labels)))
+    one_nan = jnp.eye(3).at[0, 0].set(jnp.nan)  # one example's logits: still NaN
+    assert np.isnan(float(error(one_nan, x, labels)))
+
+
+@pytest.mark.parametrize(
+    "logits, labels, match",
+    [
+        (jnp.ones((4, 2)), jnp.zeros((4, 1), jnp.int32), r"labels of shape \(4,\)"),
+        (jnp.ones(4), jnp.zeros(4, jnp.int32), r"logits of shape \(N, classes\)"),
+        (jnp.ones((4, 1)), jnp.zeros(4, jnp.int32), r"at least 2 classes"),
+    ],
+)
+def test_accuracy_error_refuses_shapes_that_broadcast(logits, labels, match):
+    # Before: (N, 1) labels broadcast against (N,) predictions to (N, N), and one
+    # logit per example made argmax a scalar: wrong error rates, silently.
+    error = tasks.accuracy_error(lambda m, x: m)
+    with pytest.raises(ValueError, match=match):
+        error(logits, None, labels)
+
+
 def test_lr_schedule_is_the_papers():
     theta = jnp.array([jnp.log(0.003), jnp.log(30.0)])
     schedule = tasks.lr_schedule(theta)

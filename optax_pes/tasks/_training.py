@@ -399,6 +399,11 @@ def accuracy_error(
     """Turn `logits_fn(model, x)` into the error-rate metric `1 - accuracy`, usable
     as a non-differentiable `objective` of `training_system` for `(x, labels)` data.
 
+    `logits_fn` returns `(N, classes)` logits for `N` examples (a binary classifier
+    too: two columns) and `labels` are `(N,)` class indices; other shapes are an
+    error. Logits that are not all finite (a model that diverged) give NaN, which
+    the estimators leave out and count, as they do a non-finite loss.
+
     **Example:**
 
     ```python
@@ -411,7 +416,21 @@ def accuracy_error(
     """
 
     def error(model, x, labels):
-        predicted = jnp.argmax(logits_fn(model, x), axis=-1)
-        return 1.0 - jnp.mean((predicted == labels).astype(jnp.float32))
+        logits, labels = jnp.asarray(logits_fn(model, x)), jnp.asarray(labels)
+        if logits.ndim != 2 or logits.shape[1] < 2:
+            raise ValueError(
+                "accuracy_error needs logits of shape (N, classes) with at least 2 "
+                f"classes from logits_fn(model, x), got shape {logits.shape}"
+            )
+        if labels.shape != logits.shape[:1]:
+            raise ValueError(
+                f"accuracy_error needs labels of shape ({logits.shape[0]},), one "
+                f"class index per example, got shape {labels.shape}"
+            )
+        predicted = jnp.argmax(logits, axis=-1)
+        rate = 1.0 - jnp.mean((predicted == labels).astype(jnp.float32))
+        # A diverged model's logits are not finite: its error is NaN, which the
+        # estimators leave out and count (argmax would call it class 0).
+        return jnp.where(jnp.all(jnp.isfinite(logits)), rate, jnp.nan)
 
     return error

@@ -425,3 +425,32 @@ def test_per_layer_sgd_holds_plain_sgd_and_array_scalars():
         assert np.all(np.isfinite(leaf))
     momentum = jax.nn.sigmoid(theta["logit_momentum"]["w"])
     np.testing.assert_allclose(momentum, 1e-6, rtol=1e-3)
+
+
+def test_per_layer_sgd_keeps_theta_in_float32_for_a_bfloat16_model():
+    # Before: theta took the model's dtype, so an Adam-sized meta-update of a
+    # bfloat16 log learning rate rounded away; a float32 theta then made the
+    # momentum trace float32 and the unroll's carry changed dtype.
+    x = jnp.ones((8, 3), jnp.bfloat16)
+    model = {"w": jnp.ones((3, 2), jnp.bfloat16)}
+    theta, make = tasks.per_layer_sgd(model)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(theta))
+    moved = optax.apply_updates(theta, jax.tree.map(lambda t: t - t + 5e-3, theta))
+    for a, b in zip(jax.tree.leaves(moved), jax.tree.leaves(theta), strict=True):
+        assert bool(jnp.all(a != b))  # the meta-update is not rounded away
+    system = tasks.training_system(
+        model,
+        lambda m, x, y: jnp.mean(((x @ m["w"]).astype(jnp.float32) - y) ** 2),
+        make,
+        (x, jnp.zeros((8, 2))),
+        horizon=4,
+        batch_size=4,
+    )
+    losses = optax_pes.unroll(system, theta)
+    assert losses.shape == (4,) and bool(jnp.all(jnp.isfinite(losses)))
+    with jax.enable_x64(True):  # a float64 theta on a float32 model, likewise
+        theta64 = jax.tree.map(lambda t: t.astype(jnp.float64), theta)
+        model32 = jax.tree.map(lambda w: w.astype(jnp.float32), model)
+        tx = make(theta64)
+        _, state = tx.update(model32, tx.init(model32), model32)
+        assert state.trace["w"].dtype == jnp.float32

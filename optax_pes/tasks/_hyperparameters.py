@@ -87,8 +87,9 @@ def per_layer_sgd(
 
     **Returns:** `(theta, optimizer)`: `theta` is a dict with entries
     `"log_learning_rate"`, `"logit_momentum"` and `"log_weight_decay"`, each a pytree
-    of scalars shaped like the model's trainable arrays, and `optimizer(theta)` builds
-    the `optax.GradientTransformation`.
+    of scalars shaped like the model's trainable arrays (in their dtype, or float32
+    for a bfloat16 or float16 model), and `optimizer(theta)` builds the
+    `optax.GradientTransformation`.
 
     **Example:**
 
@@ -125,7 +126,12 @@ def per_layer_sgd(
                     f"{name}={given!r} is out of range for the model's {p.dtype} "
                     "arrays (it overflows or underflows there)"
                 )
-        return jax.tree.map(lambda p: jnp.asarray(value, p.dtype), params)
+        # At least float32: a bfloat16 or float16 theta would round meta-updates
+        # away (the log learning rate's spacing near -2.3 is 0.016 in bfloat16).
+        return jax.tree.map(
+            lambda p: jnp.asarray(value, jnp.promote_types(p.dtype, jnp.float32)),
+            params,
+        )
 
     theta = {
         "log_learning_rate": full(
@@ -145,8 +151,8 @@ def per_layer_sgd(
             if params is None:
                 raise ValueError("per_layer_sgd needs params (for weight decay)")
 
-            def trace(m, g, p, mu, wd):
-                return jax.nn.sigmoid(mu) * m + g + jnp.exp(wd) * p
+            def trace(m, g, p, mu, wd):  # (in the trace's own dtype, whatever theta's)
+                return (jax.nn.sigmoid(mu) * m + g + jnp.exp(wd) * p).astype(m.dtype)
 
             new = jax.tree.map(
                 trace,
@@ -157,9 +163,10 @@ def per_layer_sgd(
                 theta["log_weight_decay"],
             )
             out = jax.tree.map(
-                lambda m, lr: (-jnp.exp(lr) * m).astype(m.dtype),
+                lambda m, lr, p: (-jnp.exp(lr) * m).astype(p.dtype),
                 new,
                 theta["log_learning_rate"],
+                params,
             )
             return out, optax.TraceState(trace=new)
 

@@ -386,6 +386,13 @@ def test_bad_input_names_the_argument():
         build(optimizer=optax.sgd(0.1))
     with pytest.raises(ValueError, match="model must hold floating-point arrays"):
         build(model={"n": 3})
+    # Before: a loss_fn error about a gather, a (T, 1) unroll, and silence.
+    with pytest.raises(ValueError, match="train_data holds no examples"):
+        build(train_data=(data[0][:0], data[1][:0]))
+    with pytest.raises(ValueError, match="loss_weight.*must return a scalar"):
+        build(loss_weight=lambda t: jnp.ones(1))
+    with pytest.raises(ValueError, match="val_batch_size is given but"):
+        build(val_batch_size=4)
 
 
 def test_val_data_without_a_validation_objective_is_refused():

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Int, PRNGKeyArray, PyTree, Scalar
 
-from optax_pes._checks import check_int
+from optax_pes._checks import check_int, describe
 from optax_pes._es._system import UnrolledSystem
 
 
@@ -131,7 +131,10 @@ def _num_examples(data: PyTree, name: str) -> int:
             f"every array in {name} must have the same number of examples (leading "
             f"axis), got {sorted(sizes)}"
         )
-    return sizes.pop()
+    num = sizes.pop()
+    if num == 0:
+        raise ValueError(f"{name} holds no examples (its leading axis is empty)")
+    return num
 
 
 def _sampler(
@@ -277,12 +280,13 @@ def training_system(
     parts = partition_model(model)
     sample_train = _sampler(train_data, batch_size, "train_data")
     if objective == "train_loss":
-        if val_data is not None:
-            raise ValueError(
-                "val_data is given but objective='train_loss' tunes the training loss "
-                "and would never read it: pass objective='val_loss' (or a metric) to "
-                "tune for the validation data, or leave val_data out"
-            )
+        for name, value in (("val_data", val_data), ("val_batch_size", val_batch_size)):
+            if value is not None:
+                raise ValueError(
+                    f"{name} is given but objective='train_loss' tunes the training "
+                    "loss and would never read it: pass objective='val_loss' (or a "
+                    f"metric) to tune for the validation data, or leave {name} out"
+                )
         metric, sample_val = None, None
     elif objective == "val_loss" or callable(objective):
         if val_data is None:
@@ -294,6 +298,13 @@ def training_system(
             "objective must be 'train_loss', 'val_loss' or a function "
             f"metric(model, *batch) -> scalar, got {objective!r}"
         )
+    if loss_weight is not None:
+        weight = jax.eval_shape(loss_weight, jax.ShapeDtypeStruct((), jnp.int32))
+        if getattr(weight, "shape", None) != ():
+            raise ValueError(
+                "loss_weight(t) must return a scalar weight for step t, got "
+                f"{describe(weight)}"
+            )
     loss_takes_key = _takes_key(loss_fn)
     metric_takes_key = metric is not None and _takes_key(metric)
     _check_scalar(loss_fn, parts, sample_train, "loss_fn", loss_takes_key, True)

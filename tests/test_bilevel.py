@@ -587,7 +587,7 @@ def test_no_outer_pair_after_the_last_inner_step(x64):
         return 0.5 * jnp.sum(a * w**2) + 0.1 * jnp.sum(w**4)
 
     losses = _bilevel._Losses(inner_grad=jax.grad(f), outer_grad=lambda w: w + 1.0)
-    _, opt_state, _, steps = _bilevel._inner_solve(
+    _, opt_state, _, _, steps = _bilevel._inner_solve(
         optax.lbfgs(memory_size=30),
         _bilevel._ShineOPA(opa_every=1),
         losses,
@@ -677,7 +677,7 @@ def test_hessian_diag_reaches_refine_and_opa(x64):
         hessian_diag=lambda w: 2 * (a + 1.2 * w**2),
     )
     plain = _bilevel._Losses(inner_grad=jax.grad(f), outer_grad=outer_grad)
-    w, opt_state, _, steps = _bilevel._inner_solve(
+    w, opt_state, _, _, steps = _bilevel._inner_solve(
         optax.lbfgs(memory_size=30),
         _bilevel._Shine(),
         losses,

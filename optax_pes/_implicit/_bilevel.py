@@ -28,7 +28,6 @@ from typing import Any, Literal, NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import lineax as lx
 import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
@@ -80,13 +79,12 @@ class _Losses(eqx.Module):
         r"""$\nabla^2_w f(w, h) v$ (forward over reverse)."""
         return jax.jvp(self.inner_grad, (w,), (v,))[1]
 
-    def hessian(self, w: Float[Array, " d"]) -> lx.AbstractLinearOperator:
-        r"""$\nabla^2_w f(w, h)$ as a symmetric positive definite lineax operator."""
-        return lx.JacobianLinearOperator(
-            lambda u, _: self.inner_grad(u),
-            w,
-            tags=(lx.symmetric_tag, lx.positive_semidefinite_tag),
-        )
+    def hessian(
+        self, w: Float[Array, " d"]
+    ) -> Callable[[Float[Array, " d"]], Float[Array, " d"]]:
+        r"""$v \mapsto \nabla^2_w f(w, h) v$, linearised once at `w` (each product
+        then reuses the primal computation of $\nabla_w f$)."""
+        return jax.linearize(self.inner_grad, w)[1]
 
     def inverse(self, w: Float[Array, " d"], opt_state: Any) -> _lbfgs.LBFGSInverse:
         r"""The L-BFGS estimate of $H^{-1}$ in `opt_state`'s memory, started from
@@ -186,9 +184,7 @@ class _ShineRefine(_AbstractAfterSolve):
         peak, vector = _normalised(outer_grad)
         v = inverse.mv(vector)
         # tol = atol = 0: no stopping rule but the step count.
-        refined = _cg(
-            losses.hessian(w).mv, vector, v, inverse.mv, 0.0, self.refine_steps
-        )
+        refined = _cg(losses.hessian(w), vector, v, inverse.mv, 0.0, self.refine_steps)
         # A breakdown (an exactly zero curvature: 0 / 0) keeps v.
         return peak * jnp.where(jnp.all(jnp.isfinite(refined)), refined, v)
 
@@ -213,7 +209,7 @@ class _Implicit(_AbstractAfterSolve):
         # (the tolerance was inf and CG stopped at 0) and CG's inner products.
         peak, vector = _normalised(outer_grad)
         zero = jnp.zeros_like(vector)
-        hessian = losses.hessian(w).mv
+        hessian = losses.hessian(w)
         return peak * _cg(hessian, vector, zero, None, tol, self.implicit_max_steps)
 
 

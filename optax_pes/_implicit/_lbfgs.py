@@ -21,7 +21,6 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import lineax as lx
 import optax
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, Int
@@ -142,17 +141,6 @@ class LBFGSInverse(eqx.Module):
 
         r, _ = jax.lax.scan(second, gamma * q, (newest_first, alphas), reverse=True)
         return r
-
-    def as_operator(self) -> lx.FunctionLinearOperator:
-        r"""The estimate as a lineax operator (for a preconditioner).
-
-        Tagged symmetric positive semidefinite, which it is when every stored pair
-        has $s^\top y > 0$ (a Wolfe line search, as `optax.lbfgs`'s, ensures it).
-        """
-        structure = jax.ShapeDtypeStruct(self.s.shape[1:], self.s.dtype)
-        return lx.FunctionLinearOperator(
-            self.mv, structure, tags=(lx.symmetric_tag, lx.positive_semidefinite_tag)
-        )
 
     def as_matrix(self) -> Float[Array, "d d"]:
         """The dense estimate (for tests and small problems)."""

@@ -129,12 +129,15 @@ def check_same_structure(
         where = _structure_difference(got, expected, at="")
         where = f"(root){where}" if where.startswith(" ") else where
     else:
+        # (jnp.result_type: the dtype JAX computes with, as `describe` prints it; a
+        # NumPy float64 constant is float32 without x64, as in a scan's carry.)
+        kind = lambda x: f"{jnp.result_type(x)}{list(jnp.shape(x))}"  # noqa: E731
         paths = jax.tree_util.tree_flatten_with_path(got)[0]
         for (path, a), b in zip(paths, jax.tree.leaves(expected), strict=True):
-            if _leaf_type(a) != _leaf_type(b):
+            if kind(a) != kind(b):
                 where = (
-                    f"{jax.tree_util.keystr(path) or '(root)'} is {_leaf_type(a)}, "
-                    f"expected {_leaf_type(b)}"
+                    f"{jax.tree_util.keystr(path) or '(root)'} is {kind(a)}, "
+                    f"expected {kind(b)}"
                 )
                 break
         else:

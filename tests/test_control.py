@@ -544,6 +544,21 @@ class _Changing(Countdown):
         return super().step(state, action)._replace(obs=jnp.zeros(2))
 
 
+class _NumpyInfo(Countdown):
+    """A step that puts a NumPy float64 constant where reset put a float32 array:
+    JAX computes with it as float32 (without x64), so it is the same state."""
+
+    def step(self, state, action):
+        new = super().step(state, action)
+        return new._replace(reward=np.float64(1.0))
+
+
+def test_numpy_constants_in_an_env_state_are_accepted():
+    # A review caught the structure check comparing raw dtypes for a day.
+    system = tasks.control_system(_NumpyInfo(5), _policy, horizon=3)
+    assert optax_pes.unroll(system, jnp.ones(1)).tolist() == [-1.0, -1.0, -1.0]
+
+
 def _policy(theta, obs):
     return theta * obs
 

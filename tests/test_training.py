@@ -234,6 +234,10 @@ def test_accuracy_error_of_a_diverged_model_is_nan():
     assert np.isnan(float(error(jnp.full((3, 3), jnp.nan), x, labels)))
     one_nan = jnp.eye(3).at[0, 0].set(jnp.nan)  # one example's logits: still NaN
     assert np.isnan(float(error(one_nan, x, labels)))
+    given = tasks.accuracy_error(lambda logits, x: logits)  # the logits as given
+    masked = jnp.eye(3).at[0, 2].set(-jnp.inf)  # a masked class is not divergence
+    assert float(given(masked, x, labels)) == pytest.approx(2 / 3)
+    assert np.isnan(float(given(jnp.eye(3).at[1, 1].set(jnp.inf), x, labels)))
 
 
 @pytest.mark.parametrize(

@@ -412,8 +412,9 @@ def accuracy_error(
 
     `logits_fn` returns `(N, classes)` logits for `N` examples (a binary classifier
     too: two columns) and `labels` are `(N,)` class indices; other shapes are an
-    error. Logits that are not all finite (a model that diverged) give NaN, which
-    the estimators leave out and count, as they do a non-finite loss.
+    error. NaN logits, or a row without a finite largest logit (a model that
+    diverged), give NaN, which the estimators leave out and count, as they do a
+    non-finite loss; a `-inf` logit (a masked class) is fine.
 
     **Example:**
 
@@ -440,8 +441,12 @@ def accuracy_error(
             )
         predicted = jnp.argmax(logits, axis=-1)
         rate = 1.0 - jnp.mean((predicted == labels).astype(jnp.float32))
-        # A diverged model's logits are not finite: its error is NaN, which the
-        # estimators leave out and count (argmax would call it class 0).
-        return jnp.where(jnp.all(jnp.isfinite(logits)), rate, jnp.nan)
+        # A diverged model's logits are NaN (or +inf): its error is NaN, which the
+        # estimators leave out and count (argmax would call it class 0). A -inf
+        # logit is a masked class, not divergence, while its row has a finite max.
+        diverged = jnp.any(jnp.isnan(logits)) | ~jnp.all(
+            jnp.isfinite(jnp.max(logits, axis=-1))
+        )
+        return jnp.where(diverged, jnp.nan, rate)
 
     return error

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import pathlib
+import shutil
 import struct
 import uuid
 from typing import Any, BinaryIO
@@ -113,8 +114,9 @@ def tree_serialise_leaves(path_or_file: str | pathlib.Path | BinaryIO, pytree: P
     **Arguments:**
 
     - `path_or_file`: a path (written to a temporary file beside it, then renamed
-      over it: an interrupted write leaves the previous file as it was), or a binary
-      file opened for writing.
+      over it: an interrupted write leaves the previous file as it was; through a
+      symlink, its target is rewritten, with its permissions), or a binary file
+      opened for writing.
     - `pytree`: any pytree of arrays, keys, Python numbers and strings (other
       leaves, such as functions, are not saved: they come from `like` on loading).
 
@@ -140,13 +142,19 @@ def tree_serialise_leaves(path_or_file: str | pathlib.Path | BinaryIO, pytree: P
         # Windows): an interruption while writing leaves the previous checkpoint.
         # (A unique name opened "x", not mkstemp: the file gets the umask's
         # permissions, as a checkpoint written in place did, not mkstemp's 0600.)
-        path = pathlib.Path(path_or_file)
+        # A symlink's target is rewritten (a `latest -> run_100` link stays a link),
+        # and an existing file keeps its permissions.
+        path = pathlib.Path(os.path.realpath(path_or_file))
+        if not path.parent.is_dir():
+            raise FileNotFoundError(f"no directory to write {path_or_file} in")
         temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
         try:
             with open(temporary, "xb") as f:
                 tree_serialise_leaves(f, pytree)
                 f.flush()
                 os.fsync(f.fileno())
+            if path.exists():
+                shutil.copymode(path, temporary)
             os.replace(temporary, path)
         except BaseException:
             temporary.unlink(missing_ok=True)

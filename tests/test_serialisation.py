@@ -121,6 +121,20 @@ def test_an_interrupted_write_leaves_the_previous_checkpoint(tmp_path, monkeypat
     np.testing.assert_array_equal(restored["theta"], THETA + 1)
 
 
+def test_a_write_through_a_symlink_keeps_the_link_and_the_mode(tmp_path):
+    target, link = tmp_path / "run_100.eqx", tmp_path / "latest.eqx"
+    optax_pes.tree_serialise_leaves(target, {"theta": THETA})
+    target.chmod(0o640)
+    link.symlink_to(target.name)
+    optax_pes.tree_serialise_leaves(link, {"theta": THETA + 1})
+    assert link.is_symlink()  # the target was rewritten, not the link replaced
+    restored = optax_pes.tree_deserialise_leaves(target, {"theta": jnp.zeros(1)})
+    np.testing.assert_array_equal(restored["theta"], THETA + 1)
+    assert target.stat().st_mode & 0o777 == 0o640
+    with pytest.raises(FileNotFoundError, match="no directory to write"):
+        optax_pes.tree_serialise_leaves(tmp_path / "missing" / "x.eqx", THETA)
+
+
 def test_like_may_be_shapes_and_dtypes_only():
     # jax.eval_shape of an init: ShapeDtypeStructs, typed keys included (before: a
     # bare numpy TypeError for the key).

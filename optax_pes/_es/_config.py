@@ -107,7 +107,7 @@ def check_sigma_for(sigma: Any, flat: jax.Array, params: PyTree) -> None:
         if not (floating and is_concrete(leaf)) or np.size(leaf) == 0:
             continue  # (non-float leaves are refused by the params check)
         # (NumPy: under a trace, jnp would stage even a concrete theta's max.)
-        largest = float(np.max(np.abs(np.asarray(leaf, np.float64))))
+        largest = float(np.max(np.abs(np.asarray(leaf))))  # (in its own dtype)
         dtype = jnp.result_type(leaf)
         spacing = largest * float(jnp.finfo(dtype).eps)
         if coarsest is None or spacing > coarsest[0]:

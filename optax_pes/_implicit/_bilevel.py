@@ -61,8 +61,8 @@ class BilevelState(NamedTuple):
     inner_grad_norm: jax.Array  # shape=(), float32: |grad_w f(w*, h)| at its end
     inner_converged: jax.Array  # shape=(), bool: False when it hit inner_max_steps
     hypergrad_norm: jax.Array  # shape=(), float32: norm of the last hypergradient;
-    #   NaN when it (or the outer gradient, or a traced tolerance) was not usable and
-    #   nothing was added
+    #   NaN when it (or the outer gradient, the inner loss at w*, or a traced
+    #   tolerance) was not usable and nothing was added
 
 
 # ------------------------------------------------------------------ the methods ----
@@ -493,8 +493,9 @@ def shine_bilevel(
       `optax.inject_hyperparams` it goes in `static_args` (a callable there is
       taken for a schedule).
 
-    A hypergradient that is not finite is never added: the update then adds nothing,
-    keeps a finite warm start and records a non-finite `state.hypergrad_norm`.
+    A hypergradient that is not finite, or one at a $w^*$ where the inner loss is
+    not finite, is never added: the update then adds nothing, keeps the previous
+    warm start and records a non-finite `state.hypergrad_norm`.
     Eagerly, hyperparameters that hold NaN or inf raise a `ValueError`.
 
     **Returns:** an `optax.GradientTransformationExtraArgs` whose state is an

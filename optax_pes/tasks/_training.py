@@ -227,7 +227,8 @@ def training_system(
     - `val_data`: validation data, as `train_data`; needed unless the objective is
       `"train_loss"`, and refused with it (it would never be read).
     - `val_batch_size`: validation examples per step (drawn from the step's key), or
-      `None` for the whole validation set at every step.
+      `None` for the whole validation set at every step; refused with
+      `objective="train_loss"`, as `val_data` is.
     - `model_init`: optional `model_init(key) -> model`, a fresh random initialisation
       per episode (shared by the members of a pair). It must build models with the
       structure of `model`.

@@ -14,11 +14,15 @@ import numpy as np
 from jaxtyping import PRNGKeyArray, PyTree
 
 
+def _computed_type(leaf: Any) -> str:
+    """`float32[3]`: the dtype JAX computes with (a NumPy float64 constant is float32
+    without x64, as in a scan's carry) and the shape."""
+    return f"{jnp.result_type(leaf)}{list(jnp.shape(leaf))}"
+
+
 def describe(tree: PyTree) -> str:
     """`{'a': float32[3]}`-style summary of a pytree's dtypes and shapes."""
-    return str(
-        jax.tree.map(lambda a: f"{jnp.result_type(a)}{list(jnp.shape(a))}", tree)
-    )
+    return str(jax.tree.map(_computed_type, tree))
 
 
 def check_int(value: Any, name: str, low: int, high: int | None = None) -> int:
@@ -129,15 +133,12 @@ def check_same_structure(
         where = _structure_difference(got, expected, at="")
         where = f"(root){where}" if where.startswith(" ") else where
     else:
-        # (jnp.result_type: the dtype JAX computes with, as `describe` prints it; a
-        # NumPy float64 constant is float32 without x64, as in a scan's carry.)
-        kind = lambda x: f"{jnp.result_type(x)}{list(jnp.shape(x))}"  # noqa: E731
         paths = jax.tree_util.tree_flatten_with_path(got)[0]
         for (path, a), b in zip(paths, jax.tree.leaves(expected), strict=True):
-            if kind(a) != kind(b):
+            if _computed_type(a) != _computed_type(b):
                 where = (
-                    f"{jax.tree_util.keystr(path) or '(root)'} is {kind(a)}, "
-                    f"expected {kind(b)}"
+                    f"{jax.tree_util.keystr(path) or '(root)'} is "
+                    f"{_computed_type(a)}, expected {_computed_type(b)}"
                 )
                 break
         else:

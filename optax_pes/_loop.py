@@ -16,6 +16,7 @@ from jaxtyping import PyTree
 
 from optax_pes._checks import check_callable, check_finite_params, check_int
 from optax_pes._es._state import Diagnostics
+from optax_pes._placement import spread_sharding
 from optax_pes._serialisation import tree_serialise_leaves
 
 
@@ -32,19 +33,14 @@ def _replicated_on_the_mesh(tree: PyTree) -> PyTree:
     arrays are spread over (an estimator's state given `mesh=`), if any: as the
     chunks return them, so that the first chunk's program serves every chunk (theta
     and the rest of an `optax.chain`'s state start on one device)."""
-    meshes = [
-        leaf.sharding.mesh
-        for leaf in jax.tree.leaves(tree)
-        if isinstance(getattr(leaf, "sharding", None), jax.sharding.NamedSharding)
-        and len(leaf.sharding.device_set) > 1
-    ]
+    spread = [spread_sharding(leaf) for leaf in jax.tree.leaves(tree)]
+    meshes = [s.mesh for s in spread if isinstance(s, jax.sharding.NamedSharding)]
     if not meshes:
         return tree
     replicated = jax.sharding.NamedSharding(meshes[0], jax.sharding.PartitionSpec())
 
     def place(leaf):  # (NumPy arrays and Python numbers too: they have none)
-        sharding = getattr(leaf, "sharding", None)
-        if sharding is not None and len(sharding.device_set) > 1:
+        if spread_sharding(leaf) is not None:
             return leaf
         return jax.device_put(leaf, replicated)
 

@@ -30,6 +30,13 @@ def _identity(tree: PyTree) -> PyTree:
 ON_ONE_DEVICE = Placement(_identity, _identity)  # no mesh: leave arrays where they are
 
 
+def spread_sharding(x: Any) -> jax.sharding.Sharding | None:
+    """`x`'s sharding where it spans several devices (a mesh's), else None (one
+    device, or not a JAX array)."""
+    sharding = getattr(x, "sharding", None)
+    return sharding if sharding is not None and len(sharding.device_set) > 1 else None
+
+
 def placement(
     mesh: Any, mesh_axes: str | Sequence[str] | None, num_particles: int
 ) -> Placement:

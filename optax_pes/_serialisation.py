@@ -21,6 +21,8 @@ import jax
 import numpy as np
 from jaxtyping import PyTree
 
+from optax_pes._placement import spread_sharding
+
 _MAGIC = b"optax_pes checkpoint\n"
 _VERSION = 1
 
@@ -256,7 +258,5 @@ def tree_deserialise_leaves(
 def _placed_as(loaded: Any, like: Any) -> Any:
     """`loaded` on the devices of `like` where it is spread over several (a state on
     a mesh: restored as `init` made it, so a jitted update does not compile again)."""
-    sharding = getattr(like, "sharding", None)
-    if sharding is None or len(sharding.device_set) < 2:
-        return loaded
-    return jax.device_put(loaded, sharding)
+    sharding = spread_sharding(like)
+    return loaded if sharding is None else jax.device_put(loaded, sharding)

@@ -5,7 +5,7 @@ a `Placement`, a pair of functions the window engine calls on the particle axis.
 a mesh both are the identity, so there is one code path whatever the devices.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -21,6 +21,9 @@ class Placement(NamedTuple):
 
     shard: Callable[[PyTree], PyTree]
     replicate: Callable[[PyTree], PyTree]
+    # What the two depend on (None on one device): equal specs lay out alike, so
+    # estimators built twice with the same mesh can share a compiled update.
+    spec: Hashable = None
 
 
 def _identity(tree: PyTree) -> PyTree:
@@ -90,4 +93,4 @@ def placement(
     def replicate(tree: PyTree) -> PyTree:
         return jax.lax.with_sharding_constraint(tree, replicated)
 
-    return Placement(shard, replicate)
+    return Placement(shard, replicate, (mesh, axes))

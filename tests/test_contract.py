@@ -444,6 +444,48 @@ def test_inject_hyperparams(name):
     assert len(traces) == 1
 
 
+@pytest.mark.parametrize("name", BASE)
+def test_eager_inject_hyperparams_compiles_once(name, monkeypatch):
+    """Called outside jit, `inject_hyperparams` builds the estimator anew on every
+    update (its factory runs each time): the window still compiles once, and a
+    changed sigma is an argument of that program, not a new one."""
+    traces = []
+    base = _system(HORIZON)
+
+    def counted_step(theta, state, key):
+        traces.append(None)
+        return base.step(theta, state, key)
+
+    system = optax_pes.UnrolledSystem(base.init, counted_step, base.horizon)
+    kwargs = dict(system=system, key=0)
+    static_args = ["system", "key", "num_particles"]
+    if name != "tbptt":
+        kwargs.update(num_particles=NUM_PARTICLES, sigma=SIGMA)
+    if name != "full_es":
+        kwargs["truncation_length"] = K
+        static_args += ["truncation_length", "stagger"]
+    factory = optax.inject_hyperparams(
+        getattr(optax_pes, name), static_args=static_args
+    )
+    injected = factory(**kwargs)
+    params = _params()
+    zeros = _zeros(params)
+    state = injected.init(params)
+    first, state = injected.update(zeros, state, params)
+    seen = len(traces)
+    for scale in (2, 3):
+        if name != "tbptt":
+            sigma = jnp.asarray(scale * SIGMA, state.hyperparams["sigma"].dtype)
+            state = state._replace(hyperparams={**state.hyperparams, "sigma": sigma})
+        updates, state = injected.update(zeros, state, params)
+        _assert_finite(updates)
+    assert len(traces) == seen
+    # The eager updates are the jitted ones.
+    jitted = jax.jit(injected.update)
+    again, _ = jitted(zeros, injected.init(params), params)
+    _assert_trees_close(again, first)
+
+
 @pytest.mark.parametrize("config", BASE_CONFIGS)
 def test_converges_inside_scan_and_optax_wrappers(config):
     """`chain` in `MultiSteps` in `apply_if_finite`, run by `lax.scan`, converges.

@@ -15,8 +15,8 @@ window's), and what noise it carries to the next window.
 """
 
 import abc
-import functools
-from collections.abc import Callable, Sequence
+import collections
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -180,21 +180,73 @@ def score_estimate(
     return jnp.where(finite, out, 0), valid & finite
 
 
-def compiled_when_eager(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """`fn`, run through one `jax.jit` of it when called on concrete values.
+# Compiled eager updates, shared by estimators built with the same structure: under
+# `optax.inject_hyperparams` the factory runs again on every update, so a program
+# cached per estimator would compile on every call. Bounded: an entry holds its
+# system (and whatever data that closes over) alive.
+_EAGER_PROGRAMS: collections.OrderedDict[Hashable, Callable[..., Any]] = (
+    collections.OrderedDict()
+)
+_MAX_EAGER_PROGRAMS = 16
+
+
+def _program_key(config: EstimatorConfig, kind: Hashable) -> Hashable | None:
+    """What an update's compiled program depends on besides its arguments: all of
+    `config` but sigma (an argument) and the key's value (read by `init` only).
+    None when something in it cannot be hashed (a system holding arrays)."""
+    key = (
+        kind,
+        config.name,
+        config.system,
+        config.truncation_length,
+        config.num_particles,
+        config.signs,
+        config.num_groups,
+        tuple(int(o) for o in config.offsets),
+        config.sync,
+        config.placement.spec,
+        config.key.dtype,
+    )
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def compiled_when_eager(
+    fn: Callable[..., Any], config: EstimatorConfig, kind: Hashable
+) -> Callable[..., Any]:
+    """`fn(sigma, *args)` as `call(*args)`, run through one `jax.jit` when called on
+    concrete values.
 
     An update called eagerly (outside `jit`, as a plain optax loop may) would
-    otherwise re-trace and re-compile its window's `lax.scan` on every call: the
-    compiled program is cached here, per input shapes, for the estimator's lifetime.
-    Inside a trace (`jit`, `vmap`, `grad`) `fn` is inlined as it is.
+    otherwise re-trace and re-compile its window's `lax.scan` on every call. The
+    compiled program is shared by every estimator of the same `kind` and structure
+    (`_program_key`), with `config.sigma` passed in as an argument: an eager
+    `optax.inject_hyperparams` builds the estimator anew, with a new sigma, on every
+    update. Inside a trace (`jit`, `vmap`, `grad`) `fn` is inlined as it is.
     """
-    jitted = jax.jit(fn)
+    key = _program_key(config, kind)
+    own: list[Callable[..., Any]] = []  # the per-estimator program (unhashable key)
 
-    @functools.wraps(fn)
+    def program() -> Callable[..., Any]:
+        if key is None:
+            if not own:
+                own.append(jax.jit(fn))
+            return own[0]
+        jitted = _EAGER_PROGRAMS.get(key)
+        if jitted is None:
+            jitted = _EAGER_PROGRAMS[key] = jax.jit(fn)
+            while len(_EAGER_PROGRAMS) > _MAX_EAGER_PROGRAMS:
+                _EAGER_PROGRAMS.popitem(last=False)
+        _EAGER_PROGRAMS.move_to_end(key)
+        return jitted
+
     def call(*args):
-        if all(is_concrete(leaf) for leaf in jax.tree.leaves(args)):
-            return jitted(*args)
-        return fn(*args)
+        if all(is_concrete(leaf) for leaf in jax.tree.leaves((config.sigma, args))):
+            return program()(config.sigma, *args)
+        return fn(config.sigma, *args)
 
     return call
 
@@ -277,11 +329,10 @@ def estimator(
 
     check_state = state_checker(init_fn, config.name)
 
-    @compiled_when_eager
-    def update(updates, state, params):
+    def update(sigma, updates, state, params):
         loss_dtype = check_against_system(system, params)  # names what is wrong
         check_state(state, params)  # traced once per compile: free per call
-        d = draw(config, policy, state, params)
+        d = draw(config._replace(sigma=sigma), policy, state, params)
         unravel_all = jax.vmap(d.unravel)
         after = d.perturbation.thetas_after_reset
         result = run_window(
@@ -297,6 +348,8 @@ def estimator(
         estimate, new_state = credit(config, policy, state, d, result)
         # (Laid out as init lays it out: the next call's input types are these.)
         return add_to_updates(updates, estimate), config.placement.shard(new_state)
+
+    update = compiled_when_eager(update, config, type(policy))
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args

@@ -86,8 +86,8 @@ def tbptt(
 
     check_state = state_checker(init_fn, "tbptt")
 
-    @compiled_when_eager
-    def update(updates, state, params):
+    def update(sigma, updates, state, params):
+        del sigma  # (None: tbptt perturbs nothing)
         loss_dtype = check_against_system(system, params)
         check_state(state, params)  # traced once per compile: free per call
         rng_key, _, window_key = jax.random.split(state.rng_key, 3)
@@ -142,4 +142,5 @@ def tbptt(
         # (Laid out as init lays it out: the next call's input types are these.)
         return add_to_updates(updates, estimate), config.placement.shard(new_state)
 
+    update = compiled_when_eager(update, config, "tbptt")
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -63,7 +63,7 @@ def run_window(
     devices and gathers the per-particle losses back; without a mesh, everything stays
     where it is.
     """
-    shard, replicate = config.placement
+    shard, replicate = config.placement.shard, config.placement.replicate
     system, members = config.system, config.members
     thetas = shard(thetas)
     if thetas_after_reset is not None:

@@ -266,6 +266,41 @@ def test_inject_hyperparams_with_static_args():
     assert len(traces) == 1
 
 
+@pytest.mark.parametrize("injected", [False, True], ids=["plain", "injected"])
+def test_eager_updates_compile_once(injected):
+    """Called outside jit (a plain optax loop), an update traces the losses once,
+    not on every call; under `inject_hyperparams`, which builds the transformation
+    anew on every update, a changed tolerance is an argument, not a new program."""
+    traces = []
+    inner, outer_loss = _losses(jnp.float32)
+
+    def inner_loss(w, h):
+        traces.append(None)
+        return inner(w, h)
+
+    kwargs = dict(inner_init=_inner_init(), method="shine_refine", **SETTINGS)
+    if injected:
+        static = ["inner_loss", "outer_loss", "inner_init", *STRUCTURAL]
+        factory = optax.inject_hyperparams(optax_pes.shine_bilevel, static_args=static)
+        tx = factory(inner_loss, outer_loss, **kwargs)
+    else:
+        tx = optax_pes.shine_bilevel(inner_loss, outer_loss, **kwargs)
+    params = _params()
+    state = tx.init(params)
+    first, state = tx.update(_zeros(params), state, params)
+    seen = len(traces)
+    for tol in (1e-3, 1e-5):
+        if injected:
+            tol = jnp.asarray(tol, jnp.float32)
+            state = state._replace(hyperparams={**state.hyperparams, "inner_tol": tol})
+        updates, state = tx.update(_zeros(params), state, params)
+        _assert_finite(updates)
+    assert len(traces) == seen
+    # The eager update is the jitted one.
+    again, _ = jax.jit(tx.update)(_zeros(params), tx.init(params), params)
+    _assert_trees_close(first, again, rtol=1e-5)
+
+
 def test_inject_hyperparams_without_static_structural_args_says_so():
     inner_loss, outer_loss = _losses(jnp.float32)
     factory = optax.inject_hyperparams(

@@ -22,6 +22,7 @@ product reuses the primal computation), preconditioned by the L-BFGS inverse for
 
 import abc
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple
 
@@ -409,6 +410,124 @@ def _check_names(names: Any) -> tuple[str, ...]:
     return tuple(names)
 
 
+class _Program(eqx.Module):
+    """What an update runs, fixed at the factory: its functions, method and limits.
+
+    A module-level function of it (`_update`) rather than a closure, so that
+    transformations built twice from the same arguments, as an eager
+    `optax.inject_hyperparams` builds one on every update, share one compiled
+    program (`_compiled_update`): its functions and Python numbers are hashed,
+    its arrays (an injected tolerance) are arguments.
+    """
+
+    inner_loss: Callable[..., Array]
+    outer_loss: Callable[..., Array]
+    inner_init: PyTree
+    hessian_diag: Callable[..., PyTree] | None
+    strategy: _AbstractHypergradientMethod
+    optimizer: optax.GradientTransformationExtraArgs
+    inner_max_steps: int
+
+
+def _update(
+    p: _Program,
+    tol: Any,
+    updates: PyTree,
+    state: BilevelState,
+    params: PyTree,
+    kwargs: dict[str, Any],
+) -> tuple[PyTree, BilevelState]:
+    """One outer update: solve the inner problem from the warm start, then the
+    hypergradient by `p.strategy`, added to `updates`."""
+    inner_loss, outer_loss, hessian_diag = p.inner_loss, p.outer_loss, p.hessian_diag
+    inner_init, strategy, optimizer = p.inner_init, p.strategy, p.optimizer
+    inner_max_steps = p.inner_max_steps
+    _check_losses(inner_loss, outer_loss, inner_init, params, kwargs)
+    w0 = jax.tree.map(jnp.asarray, state.inner_params)
+    w0_flat, unravel = ravel_pytree(w0)
+    tol, tol_ok = _usable_tol(tol, "inner_tol")
+    tol = tol.astype(w0_flat.dtype)
+    if tol_ok is not None:  # an unusable traced tolerance: no solve at all
+        tol = jnp.where(tol_ok, tol, jnp.inf)
+    usable = [ok for ok in (tol_ok, strategy.usable()) if ok is not None]
+
+    def f(wf, h):
+        return inner_loss(unravel(wf), h, **kwargs)
+
+    def g(wf, h):
+        return outer_loss(unravel(wf), h, **kwargs)
+
+    if hessian_diag is None:
+        diag = None
+    else:
+        _check_hessian_diag(hessian_diag, inner_init, params, kwargs)
+
+        def diag(wf):
+            out = hessian_diag(unravel(wf), params, **kwargs)
+            return ravel_pytree(out)[0].astype(wf.dtype)
+
+    losses = _Losses(
+        inner_grad=jax.grad(lambda wf: f(wf, params)),
+        outer_grad=jax.grad(lambda wf: g(wf, params)),
+        hessian_diag=diag,
+    )
+    w, opt_state, value, grad, steps = _inner_solve(
+        optimizer,
+        strategy,
+        losses,
+        lambda w: inner_loss(w, params, **kwargs),
+        w0,
+        tol,
+        inner_max_steps,
+    )
+    outer_grad = losses.outer_grad(w)
+    v = strategy.solve(w, opt_state, outer_grad, losses)
+    grad_h = jax.grad(lambda h: g(w, h))(params)
+    _, mixed_vjp = jax.vjp(lambda h: jax.grad(f)(w, h), params)
+    (mixed,) = mixed_vjp(v)
+    hypergrad = jax.tree.map(lambda a, b: a - b, grad_h, mixed)
+    # A non-finite hypergradient or outer gradient (an outer loss that is inf
+    # at w*; NaN hyperparameters under jit), or an unusable traced tolerance,
+    # adds nothing and keeps the previous warm start; hypergrad_norm records
+    # it (not finite). The outer gradient is checked too: a linear solve may turn a
+    # non-finite right-hand side into a finite, meaningless v. (Leaf by leaf:
+    # a float32 norm of a large finite float64 hypergradient would overflow.)
+    # So does an inner loss that is not finite at w* (its line search rejects
+    # every step: w* was the stale warm start), though its gradient may be.
+    finite = tree_all_finite((outer_grad, hypergrad)) & jnp.isfinite(value)
+    for ok in usable:
+        finite = finite & ok
+    # (Scaled: a finite float32 hypergradient past 1.8e19 read as inf, left out.)
+    norm = jnp.where(finite, scaled_global_norm_f32(hypergrad), jnp.nan)
+    hypergrad = jax.tree.map(lambda a: jnp.where(finite, a, 0), hypergrad)
+    # A left-out update keeps the previous warm start.
+    w = jnp.where(finite & tree_all_finite(w), w, w0_flat)
+    converged = jnp.linalg.norm(grad) <= tol
+    if tol_ok is not None:  # a skipped solve did not converge
+        converged = converged & tol_ok
+    new_state = BilevelState(
+        count=state.count + 1,
+        inner_params=unravel(w),
+        inner_steps=steps,
+        inner_grad_norm=jnp.linalg.norm(grad).astype(jnp.float32),
+        inner_converged=converged,
+        hypergrad_norm=norm,
+    )
+    return add_to_updates(updates, hypergrad), new_state
+
+
+@functools.cache
+def _default_optimizer() -> optax.GradientTransformationExtraArgs:
+    """`optax.lbfgs(memory_size=30)`, one instance: a new one per factory call would
+    hash differently, and `_compiled_update` would compile again for it."""
+    return optax.lbfgs(memory_size=30)
+
+
+# Called outside jit (a plain optax loop), an update runs as one compiled program,
+# not op by op (each eager while loop of the inner solve compiles on every call).
+_compiled_update = eqx.filter_jit(_update)
+
+
 # ------------------------------------------------------------------ the factory ----
 
 
@@ -545,9 +664,7 @@ def shine_bilevel(
         implicit_tol=_check_tol(implicit_tol, "implicit_tol"),
         implicit_max_steps=check_int(implicit_max_steps, "implicit_max_steps", 1),
     )
-    optimizer = (
-        optax.lbfgs(memory_size=30) if inner_optimizer is None else inner_optimizer
-    )
+    optimizer = _default_optimizer() if inner_optimizer is None else inner_optimizer
     _lbfgs.find_state(optimizer.init(inner_init))  # raises if there is no L-BFGS
 
     def init_fn(params: PyTree) -> BilevelState:
@@ -563,82 +680,30 @@ def shine_bilevel(
             hypergrad_norm=jnp.zeros((), jnp.float32),
         )
 
+    program = _Program(
+        inner_loss=inner_loss,
+        outer_loss=outer_loss,
+        inner_init=inner_init,
+        hessian_diag=hessian_diag,
+        strategy=strategy,
+        optimizer=optimizer,
+        inner_max_steps=inner_max_steps,
+    )
+
     def update_fn(updates, state, params=None, **extra_args):
         require_params(params, "shine_bilevel")
         check_finite_params(params)  # eagerly an error; under jit, contained
         kwargs = _loss_kwargs(loss_kwargs, extra_args)
-        _check_losses(inner_loss, outer_loss, inner_init, params, kwargs)
-        w0 = jax.tree.map(jnp.asarray, state.inner_params)
-        w0_flat, unravel = ravel_pytree(w0)
         tol = inner_tol(state.count) if callable(inner_tol) else inner_tol
-        tol, tol_ok = _usable_tol(tol, "inner_tol")
-        tol = tol.astype(w0_flat.dtype)
-        if tol_ok is not None:  # an unusable traced tolerance: no solve at all
-            tol = jnp.where(tol_ok, tol, jnp.inf)
-        usable = [ok for ok in (tol_ok, strategy.usable()) if ok is not None]
-
-        def f(wf, h):
-            return inner_loss(unravel(wf), h, **kwargs)
-
-        def g(wf, h):
-            return outer_loss(unravel(wf), h, **kwargs)
-
-        if hessian_diag is None:
-            diag = None
-        else:
-            _check_hessian_diag(hessian_diag, inner_init, params, kwargs)
-
-            def diag(wf):
-                out = hessian_diag(unravel(wf), params, **kwargs)
-                return ravel_pytree(out)[0].astype(wf.dtype)
-
-        losses = _Losses(
-            inner_grad=jax.grad(lambda wf: f(wf, params)),
-            outer_grad=jax.grad(lambda wf: g(wf, params)),
-            hessian_diag=diag,
-        )
-        w, opt_state, value, grad, steps = _inner_solve(
-            optimizer,
-            strategy,
-            losses,
-            lambda w: inner_loss(w, params, **kwargs),
-            w0,
-            tol,
-            inner_max_steps,
-        )
-        outer_grad = losses.outer_grad(w)
-        v = strategy.solve(w, opt_state, outer_grad, losses)
-        grad_h = jax.grad(lambda h: g(w, h))(params)
-        _, mixed_vjp = jax.vjp(lambda h: jax.grad(f)(w, h), params)
-        (mixed,) = mixed_vjp(v)
-        hypergrad = jax.tree.map(lambda a, b: a - b, grad_h, mixed)
-        # A non-finite hypergradient or outer gradient (an outer loss that is inf
-        # at w*; NaN hyperparameters under jit), or an unusable traced tolerance,
-        # adds nothing and keeps the previous warm start; hypergrad_norm records
-        # it (not finite). The outer gradient is checked too: a linear solve may turn a
-        # non-finite right-hand side into a finite, meaningless v. (Leaf by leaf:
-        # a float32 norm of a large finite float64 hypergradient would overflow.)
-        # So does an inner loss that is not finite at w* (its line search rejects
-        # every step: w* was the stale warm start), though its gradient may be.
-        finite = tree_all_finite((outer_grad, hypergrad)) & jnp.isfinite(value)
-        for ok in usable:
-            finite = finite & ok
-        # (Scaled: a finite float32 hypergradient past 1.8e19 read as inf, left out.)
-        norm = jnp.where(finite, scaled_global_norm_f32(hypergrad), jnp.nan)
-        hypergrad = jax.tree.map(lambda a: jnp.where(finite, a, 0), hypergrad)
-        # A left-out update keeps the previous warm start.
-        w = jnp.where(finite & tree_all_finite(w), w, w0_flat)
-        converged = jnp.linalg.norm(grad) <= tol
-        if tol_ok is not None:  # a skipped solve did not converge
-            converged = converged & tol_ok
-        new_state = BilevelState(
-            count=state.count + 1,
-            inner_params=unravel(w),
-            inner_steps=steps,
-            inner_grad_norm=jnp.linalg.norm(grad).astype(jnp.float32),
-            inner_converged=converged,
-            hypergrad_norm=norm,
-        )
-        return add_to_updates(updates, hypergrad), new_state
+        args = (program, tol, updates, state, params, kwargs)
+        if all(is_concrete(leaf) for leaf in jax.tree.leaves(args)):
+            _usable_tol(tol, "inner_tol")  # a schedule's value: eagerly an error
+            # Tolerances as arrays: arguments of the compiled program, where a
+            # Python float would be hashed into it (a new program per value).
+            args = jax.tree.map(
+                lambda x: jnp.asarray(x) if isinstance(x, float) else x, args
+            )
+            return _compiled_update(*args)
+        return _update(*args)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -456,3 +456,43 @@ def test_failure_message_of_a_direct_lineax_solver_names_tol():
     the warning must say so rather than name limits the solver does not have."""
     message = optax_pes.Implicit(linear_solver=lx.LU(), tol=1e-5).failure()
     assert "tol=1e-05" in message and "max_steps" not in message
+
+
+def _layer_with_a_nan_region(seed=8, d=6):
+    """A layer that is NaN outside |z| <= 1.2 (a domain, like a log's), strong
+    enough (gain 1.5) that Broyden's steps leave the domain before converging."""
+    rng = np.random.RandomState(seed)
+    w = jnp.asarray(rng.randn(d, d) * 1.5 / np.sqrt(d), jnp.float32)
+    x = jnp.asarray(np.random.RandomState(seed + 100).randn(d), jnp.float32)
+
+    def fn(z, x):
+        return jnp.where(jnp.max(jnp.abs(z)) > 1.2, jnp.nan, jnp.tanh(w @ z + x))
+
+    return fn, x
+
+
+def test_a_step_into_a_nan_region_keeps_the_broyden_inverse():
+    """A trial iterate where the layer is NaN stops the solve at its best iterate;
+    the steps taken before it still make the inverse SHINE reuses. (The NaN step
+    was written into the buffer of steps: SHINE's estimate was NaN and fell back to
+    Jacobian-free without a word, or raised with throw=True.)"""
+    from optax_pes._implicit._flat import flat_layer
+    from optax_pes._implicit._solvers import solve
+
+    fn, x = _layer_with_a_nan_region()
+    layer, z0, _ = flat_layer(fn, x, jnp.zeros(6))
+    solver = optax_pes.Broyden(max_steps=30, tol=1e-6)
+    z, info, inverse = solve(solver, layer, z0)
+    assert not bool(info.converged) and bool(jnp.all(jnp.isfinite(z)))
+    # The inverse is the one of the steps before the NaN evaluation.
+    steps = int(info.steps)
+    _, _, before = solve(optax_pes.Broyden(max_steps=steps - 1, tol=1e-6), layer, z0)
+    np.testing.assert_allclose(inverse.as_matrix(), before.as_matrix(), rtol=1e-6)
+
+    deq = optax_pes.DEQ(fn, solver=solver, adjoint=optax_pes.Shine(throw=True))
+    jfb = optax_pes.DEQ(fn, solver=solver, adjoint=optax_pes.JacobianFree())
+    cotangent = jnp.arange(1.0, 7.0)
+    grad = jax.grad(lambda x: cotangent @ deq(x, jnp.zeros(6)))(x)
+    grad_jfb = jax.grad(lambda x: cotangent @ jfb(x, jnp.zeros(6)))(x)
+    assert bool(jnp.all(jnp.isfinite(grad)))
+    assert not np.allclose(grad, grad_jfb)

@@ -400,11 +400,17 @@ class Broyden(AbstractSolver):
         row = jnp.where(restart | ~ok, 0, row * keep)
         a = state.a.at[nxt].set(_keep(active, row, state.a[nxt]))
         step = _keep(active, jnp.where(restart, g, kappa * step), state.step)
+        # A g that is not finite (z left fn's domain, or |g| overflows) ends this
+        # sample's solve (the driver's test, the same |g|^2): its step, not finite,
+        # is not written, so the inverse handed to the backward is that of the
+        # steps before. (The stale row left in its place meets A's zero row and
+        # column: it adds nothing.)
+        written = active & jnp.isfinite(jnp.dot(g, g))
         return _BroydenState(
             z,
             g,
             step,
-            state.s.at[nxt].set(_keep(active, step, state.s[nxt])),
+            state.s.at[nxt].set(_keep(written, step, state.s[nxt])),
             a,
             _keep(active, (nxt + 1).astype(jnp.int32), state.filled),
         )

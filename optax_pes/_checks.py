@@ -117,10 +117,16 @@ def check_float_tree(tree: PyTree, name: str) -> None:
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
         dtype = getattr(leaf, "dtype", None)
         if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            where = jax.tree_util.keystr(path) or "the root"
+            what = (
+                f"a Python {type(leaf).__name__}, not an array (convert {name} with "
+                "jnp.asarray)"
+                if dtype is None
+                else f"{type(leaf).__name__} with dtype {dtype}"
+            )
             raise TypeError(
                 f"{name} must be a pytree of floating-point arrays; the leaf at "
-                f"{jax.tree_util.keystr(path) or 'the root'} is "
-                f"{type(leaf).__name__} with dtype {dtype}"
+                f"{where} is {what}"
             )
 
 

@@ -123,6 +123,9 @@ def test_theta_mismatch(make):
         tx.update(jnp.zeros(3), state, jnp.zeros(3))
     with pytest.raises(TypeError, match="floating-point arrays"):
         tx.init(jnp.zeros(2, jnp.int32))
+    # A list of Python numbers is named as such (it read "float with dtype None").
+    with pytest.raises(TypeError, match=r"\[0\] is a Python float, not an array"):
+        tx.init([0.5, 0.5])
     with pytest.raises(ValueError, match="needs params"):
         tx.update(jnp.zeros(2), state)
 

@@ -734,3 +734,31 @@ def test_low_rank_inverse_with_a_core_is_u_transpose_core_v(x64):
     plain = optax_pes.LowRankInverse(u, v)
     np.testing.assert_allclose(plain.as_matrix(), -jnp.eye(5) + u.T @ v, rtol=1e-12)
     np.testing.assert_allclose(plain.rmv(x), (-jnp.eye(5) + u.T @ v).T @ x, rtol=1e-12)
+
+
+def test_eager_calls_compile_once():
+    """Called outside jit (an evaluation loop), under an eager `jax.vmap` or an eager
+    `jax.grad`, a DEQ traces its layer once per kind of call, not on every call:
+    each new trace compiled the solver's loop again (0.6 s a call at d = 64) and
+    left memory mappings behind."""
+    traces = []
+
+    class Layer(eqx.Module):
+        linear: eqx.nn.Linear
+
+        def __call__(self, z, x):
+            traces.append(None)
+            return jnp.tanh(0.5 * self.linear(z) + x)
+
+    deq = optax_pes.DEQ(Layer(eqx.nn.Linear(4, 4, key=jax.random.key(0))))
+    x, z0 = jnp.ones((3, 4)), jnp.zeros(4)
+
+    def calls():
+        deq.solve(x[0], z0)
+        jax.vmap(deq, in_axes=(0, None))(x, z0)
+        eqx.filter_grad(lambda d: jnp.sum(d(x[0], z0)))(deq)
+
+    calls()
+    seen = len(traces)
+    calls()
+    assert len(traces) == seen

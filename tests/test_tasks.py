@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import optax_pes
 from optax_pes import unroll
 from optax_pes.tasks import (
     influence_balancing,
@@ -306,3 +307,33 @@ def test_linear_quadratic_bad_input():
     system, _ = linear_quadratic(0, theta_shapes=(3,))
     with pytest.raises(ValueError, match="3 entries"):
         unroll(system, jnp.zeros(4))
+
+
+def test_unroll_called_eagerly_compiles_once():
+    """`unroll` called outside jit (a reference gradient, returns logged during
+    training), under an eager `jax.vmap` or `jax.grad`, traces the system once per
+    kind of call: a new trace compiled the episode's scan again on every call. A
+    system holding arrays (an `eqx.Partial`) takes them as arguments."""
+    traces = []
+    base = toy_regression()
+
+    def step(data, theta, state, key):
+        traces.append(None)
+        new_state, loss = base.step(theta, state, key)
+        return new_state, loss * data
+
+    system = optax_pes.UnrolledSystem(
+        base.init, eqx.Partial(step, jnp.asarray(1.0)), base.horizon
+    )
+    theta = jnp.array([0.5, 0.5])
+    keys = jax.random.split(jax.random.key(0), 3)
+
+    def calls():
+        unroll(system, theta, 0)
+        jax.vmap(lambda k: unroll(system, theta, k))(keys)
+        jax.grad(lambda t: jnp.sum(unroll(system, t, 1)))(theta)
+
+    calls()
+    seen = len(traces)
+    calls()
+    assert len(traces) == seen

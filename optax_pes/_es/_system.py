@@ -91,7 +91,12 @@ def unroll(
 
     **Returns:** the per-step losses, shape `(horizon,)`.
     """
-    key = as_key(key, "key")
+    return _compiled_unroll(system, theta, as_key(key, "key"))
+
+
+def _unroll(
+    system: UnrolledSystem, theta: PyTree, key: PRNGKeyArray
+) -> Float[Array, " horizon"]:
     init_key, steps_key = jax.random.split(key)
     state = system.init(theta, init_key)
 
@@ -101,6 +106,13 @@ def unroll(
 
     _, losses = jax.lax.scan(body, state, jax.random.split(steps_key, system.horizon))
     return losses
+
+
+# One compiled program per system and theta structure (the system's arrays, theta
+# and the key are its arguments): called eagerly, or under an eager `jax.vmap` or
+# `jax.grad` (a reference gradient, an evaluation of returns), the scan would be
+# built from a new closure and compiled again on every call.
+_compiled_unroll = eqx.filter_jit(_unroll)
 
 
 def check_against_system(system: UnrolledSystem, params: PyTree) -> jnp.dtype:

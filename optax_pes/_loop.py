@@ -126,23 +126,8 @@ def outer_loop(
     state = tx.init(theta) if state is None else state
     theta, state = _replicated_on_the_mesh((theta, state))
 
-    def one(carry, _):
-        theta, state = carry
-        zeros = jax.tree.map(jnp.zeros_like, theta)
-        updates, state = tx.update(zeros, state, theta)
-        theta = optax.apply_updates(theta, updates)
-        diagnostics = _diagnostics(state)
-        row = (theta if record_theta else None, diagnostics)
-        return (theta, state), row
-
-    compiled = {}  # chunk length -> jitted scan: one for full chunks, one for the rest
-
     def scan(theta, state, length):
-        if length not in compiled:
-            compiled[length] = jax.jit(
-                lambda th, st: jax.lax.scan(one, (th, st), None, length=length)
-            )
-        return compiled[length](theta, state)
+        return _compiled_chunk(tx, theta, state, length, record_theta)
 
     bar = _bar(progress, num_updates)
     thetas, rows = [], []
@@ -179,6 +164,33 @@ def outer_loop(
         ),
     )
     return theta, state, history
+
+
+def _chunk(
+    tx: optax.GradientTransformation,
+    theta: PyTree,
+    state: PyTree,
+    length: int,
+    record_theta: bool,
+) -> tuple[tuple[PyTree, PyTree], tuple[PyTree | None, Diagnostics | None]]:
+    """`length` updates of `tx` on `theta` in one `lax.scan`, with their history."""
+
+    def one(carry, _):
+        theta, state = carry
+        zeros = jax.tree.map(jnp.zeros_like, theta)
+        updates, state = tx.update(zeros, state, theta)
+        theta = optax.apply_updates(theta, updates)
+        diagnostics = _diagnostics(state)
+        row = (theta if record_theta else None, diagnostics)
+        return (theta, state), row
+
+    return jax.lax.scan(one, (theta, state), None, length=length)
+
+
+# One compiled chunk per transformation, chunk length and theta/state structure,
+# shared by every call of `outer_loop`: resuming (`state=`), or one call per epoch
+# with an evaluation between, compiles once, not once per call.
+_compiled_chunk = jax.jit(_chunk, static_argnums=(0, 3, 4))
 
 
 def _meta_loss(diagnostics: Diagnostics) -> float:

@@ -70,6 +70,29 @@ def test_checkpoints_and_resuming_continue_bit_for_bit(tmp_path):
     np.testing.assert_array_equal(resumed, theta)
 
 
+def test_calls_that_resume_compile_once():
+    """Resuming (`state=`), or one call per epoch with an evaluation between, reuses
+    the compiled chunk: each call compiled its own before."""
+    traces = []
+    base = optax_pes.tasks.toy_regression()
+
+    def step(theta, state, key):
+        traces.append(None)
+        return base.step(theta, state, key)
+
+    system = optax_pes.UnrolledSystem(base.init, step, base.horizon)
+    pes = optax_pes.pes(system, num_particles=8, sigma=0.3, truncation_length=10, key=0)
+    tx = optax.chain(pes, optax.adam(1e-2))
+    theta, state, _ = optax_pes.outer_loop(tx, THETA, 5, chunk=5, progress=False)
+    seen = len(traces)
+    for _ in range(2):
+        theta, state, _ = optax_pes.outer_loop(
+            tx, theta, 5, state=state, chunk=5, progress=False
+        )
+    assert len(traces) == seen
+    assert int(state[0].count) == 15
+
+
 def test_bad_arguments():
     tx = _tx()
     with pytest.raises(ValueError, match="chunk must be an int >= 1"):

@@ -17,6 +17,7 @@ core checks. XLA compilation dominates the run time, so the checks that only cal
 import functools
 from typing import NamedTuple
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -445,7 +446,8 @@ def test_inject_hyperparams(name):
 
 
 @pytest.mark.parametrize("name", BASE)
-def test_eager_inject_hyperparams_compiles_once(name, monkeypatch):
+@pytest.mark.parametrize("partial", [False, True], ids=["closure", "eqx.Partial"])
+def test_eager_inject_hyperparams_compiles_once(name, partial):
     """Called outside jit, `inject_hyperparams` builds the estimator anew on every
     update (its factory runs each time): the window still compiles once, and a
     changed sigma is an argument of that program, not a new one."""
@@ -456,7 +458,16 @@ def test_eager_inject_hyperparams_compiles_once(name, monkeypatch):
         traces.append(None)
         return base.step(theta, state, key)
 
-    system = optax_pes.UnrolledSystem(base.init, counted_step, base.horizon)
+    if partial:  # a step holding an array: the system cannot be hashed
+
+        def scaled_step(scale, theta, state, key):
+            state, loss = counted_step(theta, state, key)
+            return state, scale * loss
+
+        step = eqx.Partial(scaled_step, jnp.asarray(1.0))
+    else:
+        step = counted_step
+    system = optax_pes.UnrolledSystem(base.init, step, base.horizon)
     kwargs = dict(system=system, key=0)
     static_args = ["system", "key", "num_particles"]
     if name != "tbptt":

@@ -193,11 +193,19 @@ _MAX_EAGER_PROGRAMS = 16
 def _program_key(config: EstimatorConfig, kind: Hashable) -> Hashable | None:
     """What an update's compiled program depends on besides its arguments: all of
     `config` but sigma (an argument) and the key's value (read by `init` only).
-    None when something in it cannot be hashed (a system holding arrays)."""
+    A system that cannot be hashed (one holding arrays, e.g. an `eqx.Partial` over
+    data) is known by its identity: `inject_hyperparams` passes the same object to
+    every factory call, and the cached program holds it, so its id is not reused
+    while the entry lives. None when something else cannot be hashed."""
+    try:
+        hash(config.system)
+        system = config.system
+    except TypeError:
+        system = ("the system object", id(config.system))
     key = (
         kind,
         config.name,
-        config.system,
+        system,
         config.truncation_length,
         config.num_particles,
         config.signs,

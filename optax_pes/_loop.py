@@ -15,6 +15,7 @@ import optax
 from jaxtyping import PyTree
 
 from optax_pes._checks import check_callable, check_finite_params, check_int
+from optax_pes._compile import SharedJit
 from optax_pes._es._state import Diagnostics
 from optax_pes._placement import spread_sharding
 from optax_pes._serialisation import tree_serialise_leaves
@@ -190,7 +191,7 @@ def _chunk(
 # One compiled chunk per transformation, chunk length and theta/state structure,
 # shared by every call of `outer_loop`: resuming (`state=`), or one call per epoch
 # with an evaluation between, compiles once, not once per call.
-_compiled_chunk = jax.jit(_chunk, static_argnums=(0, 3, 4))
+_compiled_chunk = SharedJit(_chunk)
 
 
 def _meta_loss(diagnostics: Diagnostics) -> float:

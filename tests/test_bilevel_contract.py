@@ -301,6 +301,35 @@ def test_eager_updates_compile_once(injected):
     _assert_trees_close(first, again, rtol=1e-5)
 
 
+def test_eager_update_takes_what_an_op_by_op_update_took():
+    """Called eagerly, the update runs compiled, yet takes the keyword arguments an
+    op-by-op update took: a float read in Python, a NumPy integer slice bound, and an
+    unhashable dataclass (which then runs op by op)."""
+    import dataclasses
+    import math
+
+    x, y = jnp.ones((8, 3)), jnp.arange(8.0) % 2
+
+    @dataclasses.dataclass
+    class Config:
+        reg: float
+
+    def inner(w, lam, reg, n, config):
+        penalty = math.exp(math.log(reg)) * config.reg * jnp.exp(lam) * jnp.sum(w**2)
+        return jnp.mean((x[:n] @ w - y[:n]) ** 2) + (penalty if reg > 0 else 0.0)
+
+    def outer(w, lam, reg, n, config):
+        return jnp.mean((x[:4] @ w - y[:4]) ** 2)
+
+    tx = optax_pes.shine_bilevel(
+        inner, outer, inner_init=jnp.zeros(3), loss_kwargs=("reg", "n", "config")
+    )
+    lam = jnp.array(0.0)
+    kwargs = dict(reg=1.0, n=np.int64(6), config=Config(1.0))
+    updates, _ = tx.update(jnp.zeros(()), tx.init(lam), lam, **kwargs)
+    _assert_finite(updates)
+
+
 def test_inject_hyperparams_without_static_structural_args_says_so():
     inner_loss, outer_loss = _losses(jnp.float32)
     factory = optax.inject_hyperparams(

@@ -15,6 +15,7 @@ from optax_pes._checks import (
     check_same_structure,
     describe,
 )
+from optax_pes._compile import SharedJit
 
 InitFn = Callable[[PyTree, PRNGKeyArray], PyTree]
 """`init(theta, key) -> inner_state`: the state an episode starts from."""
@@ -112,7 +113,7 @@ def _unroll(
 # and the key are its arguments): called eagerly, or under an eager `jax.vmap` or
 # `jax.grad` (a reference gradient, an evaluation of returns), the scan would be
 # built from a new closure and compiled again on every call.
-_compiled_unroll = eqx.filter_jit(_unroll)
+_compiled_unroll = SharedJit(_unroll)
 
 
 def check_against_system(system: UnrolledSystem, params: PyTree) -> jnp.dtype:

@@ -47,6 +47,7 @@ from optax_pes._checks import (
     is_params_placeholder,
     require_params,
 )
+from optax_pes._compile import SharedJit
 from optax_pes._implicit import _lbfgs
 from optax_pes._tree import add_to_updates, scaled_global_norm_f32, tree_all_finite
 
@@ -524,8 +525,9 @@ def _default_optimizer() -> optax.GradientTransformationExtraArgs:
 
 
 # Called outside jit (a plain optax loop), an update runs as one compiled program,
-# not op by op (each eager while loop of the inner solve compiles on every call).
-_compiled_update = eqx.filter_jit(_update)
+# not op by op (each eager while loop of the inner solve compiles on every call),
+# shared by transformations built from the same losses, method and limits.
+_compiled_update = SharedJit(_update)
 
 
 # ------------------------------------------------------------------ the factory ----
@@ -698,12 +700,14 @@ def shine_bilevel(
         args = (program, tol, updates, state, params, kwargs)
         if all(is_concrete(leaf) for leaf in jax.tree.leaves(args)):
             _usable_tol(tol, "inner_tol")  # a schedule's value: eagerly an error
-            # Tolerances as arrays: arguments of the compiled program, where a
-            # Python float would be hashed into it (a new program per value).
-            args = jax.tree.map(
-                lambda x: jnp.asarray(x) if isinstance(x, float) else x, args
+            # The tolerances as arrays: arguments of the compiled program, where a
+            # Python float would be part of its key (a new program per value, as
+            # an injected tolerance has on every update).
+            strategy_arrays = jax.tree.map(
+                lambda x: jnp.asarray(x) if isinstance(x, float) else x, strategy
             )
-            return _compiled_update(*args)
+            p = eqx.tree_at(lambda p: p.strategy, program, strategy_arrays)
+            return _compiled_update(p, jnp.asarray(tol), *args[2:])
         return _update(*args)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

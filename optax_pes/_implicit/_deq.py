@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from jaxtyping import PyTree
 
 from optax_pes._checks import check_callable, check_same_structure, describe
+from optax_pes._compile import SharedJit
 from optax_pes._implicit._adjoints import AbstractAdjoint, Shine
 from optax_pes._implicit._flat import flat_layer
 from optax_pes._implicit._solvers import AbstractSolver, Broyden, SolveInfo, solve
@@ -145,13 +146,13 @@ class DEQ(eqx.Module):
         return fn
 
 
-# Every solve runs as one compiled program, cached by the layer's structure (its
-# functions and static fields; its arrays are arguments). Called eagerly, or under an
-# eager `jax.vmap` or `jax.grad`, the solver's while loop would otherwise be built
-# from new closures and compiled again on every call (0.6 s a call for a d = 64
-# layer), each compile leaving memory mappings behind. Inside a `jit` it is a nested
-# call that XLA inlines.
-_compiled_solve = eqx.filter_jit(DEQ._solve)
+# Every solve runs as one compiled program, shared by calls with the layer's
+# structure (its functions and static fields; its arrays are arguments). Called
+# eagerly, or under an eager `jax.vmap` or `jax.grad`, the solver's while loop would
+# otherwise be built from new closures and compiled again on every call (0.6 s a
+# call for a d = 64 layer), each compile leaving memory mappings behind. Inside a
+# `jit` it is a nested call that XLA inlines.
+_compiled_solve = SharedJit(DEQ._solve)
 
 
 def _check_z0(z0: PyTree) -> None:

@@ -1,0 +1,70 @@
+"""`optax_pes._compile.SharedJit`: what eager calls of the loops run as."""
+
+import dataclasses
+import gc
+import weakref
+
+import jax.numpy as jnp
+import numpy as np
+
+from optax_pes._compile import SharedJit, static_key
+
+
+def test_static_leaves_are_keyed_with_their_type():
+    # Equal in Python, but they trace to different programs.
+    keys = {static_key(x) for x in (1, 1.0, True, 0.0, -0.0)}
+    assert len(keys) == 5
+    assert static_key(float("nan")) == static_key(float("nan"))
+    assert static_key([object()]) is not None
+    assert static_key([{}]) is not None  # an empty dict is a pytree node
+    assert static_key([bytearray(b"x")]) is None  # unhashable
+
+
+def test_one_program_per_static_structure():
+    traces = []
+
+    def fn(x, scale):
+        traces.append(None)
+        return x * scale
+
+    shared = SharedJit(fn)
+    for _ in range(3):
+        np.testing.assert_allclose(shared(jnp.ones(2), 2.0), [2.0, 2.0])
+    assert len(traces) == 1
+    # -0.0 is another program, not the one of 0.0.
+    assert np.signbit(shared(jnp.ones(2), -0.0)).all()
+    assert not np.signbit(shared(jnp.ones(2), 0.0)).any()
+    assert len(traces) == 3
+    # A NumPy scalar is static, as it is op by op: usable as a slice bound.
+    np.testing.assert_allclose(
+        SharedJit(lambda x, n: x[:n])(jnp.arange(4.0), np.int64(2)), [0.0, 1.0]
+    )
+
+
+def test_unhashable_static_arguments_run_as_they_are():
+    @dataclasses.dataclass
+    class Scale:  # a dataclass with eq is unhashable
+        value: float
+
+    shared = SharedJit(lambda x, s: x * s.value)
+    np.testing.assert_allclose(shared(jnp.ones(2), Scale(3.0)), [3.0, 3.0])
+
+
+def test_programs_are_bounded_and_let_their_data_go():
+    """A program's key holds what it names alive (a loss closing over its data):
+    the cache keeps the 16 most recent."""
+
+    class Data:
+        def __init__(self, value):
+            self.value = value
+
+    shared = SharedJit(lambda x, f: f(x))
+    refs = []
+    for i in range(20):
+        data = Data(float(i))
+        refs.append(weakref.ref(data))
+        shared(jnp.ones(()), lambda x, data=data: x * data.value)
+        del data
+    gc.collect()
+    alive = [r() is not None for r in refs]
+    assert not any(alive[:4]) and all(alive[4:])

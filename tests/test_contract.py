@@ -497,6 +497,38 @@ def test_eager_inject_hyperparams_compiles_once(name, partial):
     _assert_trees_close(again, first)
 
 
+def test_a_shared_eager_program_checks_nothing_of_the_other_sigma():
+    """Estimators that share an eager program may differ in sigma: the program
+    checks the state's form, which sigma does not change, and not the first
+    estimator's sigma against the second's params (1e-6 is refused for float16)."""
+    system = optax_pes.UnrolledSystem(
+        init=lambda theta, key: jnp.zeros((), theta.dtype),
+        step=lambda theta, s, key: (s + 1, jnp.sum((theta - 1.0) ** 2)),
+        horizon=4,
+    )
+    kwargs = dict(num_particles=2, truncation_length=2, key=0)
+    first = optax_pes.pes(system, sigma=1e-6, **kwargs)
+    theta = jnp.ones(2, jnp.float32)
+    first.update(jnp.zeros(2), first.init(theta), theta)
+    second = optax_pes.pes(system, sigma=0.1, **kwargs)
+    theta = jnp.ones(2, jnp.float16)
+    updates, _ = second.update(jnp.zeros(2, jnp.float16), second.init(theta), theta)
+    _assert_finite(updates)
+
+
+@pytest.mark.parametrize("name", ES)
+def test_eager_update_is_the_jitted_one_bit_for_bit(name):
+    """A number sigma is part of the eager program, as it is of a jitted one: the
+    same bits (as an argument, XLA could not fold it, and results moved by an ulp)."""
+    tx = _make(Config(name))
+    params = _params()
+    state = tx.init(params)
+    eager, _ = tx.update(_zeros(params), state, params)
+    jitted, _ = jax.jit(tx.update)(_zeros(params), state, params)
+    for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("config", BASE_CONFIGS)
 def test_converges_inside_scan_and_optax_wrappers(config):
     """`chain` in `MultiSteps` in `apply_if_finite`, run by `lax.scan`, converges.

@@ -15,12 +15,14 @@ window's), and what noise it carries to the next window.
 """
 
 import abc
-import collections
+import functools
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, NamedTuple
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Bool, Float, PRNGKeyArray, PyTree
@@ -32,6 +34,7 @@ from optax_pes._checks import (
     require_params,
     state_checker,
 )
+from optax_pes._compile import LRU, static_key
 from optax_pes._es._config import EstimatorConfig, check_not_empty, check_sigma_for
 from optax_pes._es._state import (
     EstimatorState,
@@ -184,23 +187,22 @@ def score_estimate(
 # `optax.inject_hyperparams` the factory runs again on every update, so a program
 # cached per estimator would compile on every call. Bounded: an entry holds its
 # system (and whatever data that closes over) alive.
-_EAGER_PROGRAMS: collections.OrderedDict[Hashable, Callable[..., Any]] = (
-    collections.OrderedDict()
-)
-_MAX_EAGER_PROGRAMS = 16
+_EAGER_PROGRAMS = LRU()
 
 
 def _program_key(config: EstimatorConfig, kind: Hashable) -> Hashable | None:
     """What an update's compiled program depends on besides its arguments: all of
-    `config` but sigma (an argument) and the key's value (read by `init` only).
-    A system that cannot be hashed (one holding arrays, e.g. an `eqx.Partial` over
-    data) is known by its identity: `inject_hyperparams` passes the same object to
-    every factory call, and the cached program holds it, so its id is not reused
-    while the entry lives. None when something else cannot be hashed."""
-    try:
-        hash(config.system)
-        system = config.system
-    except TypeError:
+    `config` but sigma and the key's value (read by `init` only).
+
+    A system is keyed by its functions and static fields, type-aware (a field of
+    `0.0` and one of `-0.0` are different systems). One holding arrays (an
+    `eqx.Partial` over data) is known by its identity instead: `inject_hyperparams`
+    passes the same object to every factory call, and the cached program holds it,
+    so its id is not reused while the entry lives. None when something else cannot
+    be hashed.
+    """
+    system = static_key(config.system)
+    if system is None or any(eqx.is_array(x) for x in jax.tree.leaves(config.system)):
         system = ("the system object", id(config.system))
     key = (
         kind,
@@ -231,30 +233,36 @@ def compiled_when_eager(
     An update called eagerly (outside `jit`, as a plain optax loop may) would
     otherwise re-trace and re-compile its window's `lax.scan` on every call. The
     compiled program is shared by every estimator of the same `kind` and structure
-    (`_program_key`), with `config.sigma` passed in as an argument: an eager
-    `optax.inject_hyperparams` builds the estimator anew, with a new sigma, on every
-    update. Inside a trace (`jit`, `vmap`, `grad`) `fn` is inlined as it is.
+    (`_program_key`). A sigma that is a number is part of the program, as it is
+    under the user's own `jit` (the two give the same bits); one that is an array
+    (an eager `optax.inject_hyperparams`, which builds the estimator anew, with a
+    new sigma, on every update) is its argument. `fn` must not depend on
+    `config.sigma` otherwise. Inside a trace (`jit`, `vmap`, `grad`) `fn` is
+    inlined as it is.
     """
+    sigma = config.sigma
+    as_argument = isinstance(sigma, (jax.Array, np.ndarray))
     key = _program_key(config, kind)
+    if key is not None and not as_argument:
+        key = (key, static_key(sigma))
     own: list[Callable[..., Any]] = []  # the per-estimator program (unhashable key)
 
+    def make() -> Callable[..., Any]:
+        if as_argument:
+            return jax.jit(fn)
+        return jax.jit(functools.partial(fn, sigma))
+
     def program() -> Callable[..., Any]:
-        if key is None:
-            if not own:
-                own.append(jax.jit(fn))
-            return own[0]
-        jitted = _EAGER_PROGRAMS.get(key)
-        if jitted is None:
-            jitted = _EAGER_PROGRAMS[key] = jax.jit(fn)
-            while len(_EAGER_PROGRAMS) > _MAX_EAGER_PROGRAMS:
-                _EAGER_PROGRAMS.popitem(last=False)
-        _EAGER_PROGRAMS.move_to_end(key)
-        return jitted
+        if key is not None:
+            return _EAGER_PROGRAMS.get(key, make)
+        if not own:
+            own.append(make())
+        return own[0]
 
     def call(*args):
-        if all(is_concrete(leaf) for leaf in jax.tree.leaves((config.sigma, args))):
-            return program()(config.sigma, *args)
-        return fn(config.sigma, *args)
+        if all(is_concrete(leaf) for leaf in jax.tree.leaves((sigma, args))):
+            return program()(sigma, *args) if as_argument else program()(*args)
+        return fn(sigma, *args)
 
     return call
 
@@ -322,12 +330,9 @@ def estimator(
     estimated and how particles are laid out, `policy` how theta is perturbed."""
     system = config.system
 
-    def init_fn(params: PyTree) -> EstimatorState:
-        if is_params_placeholder(params):
-            return placeholder_state(config)
+    def state_for(params: PyTree) -> EstimatorState:
         flat, _ = ravel_pytree(params)
         check_not_empty(flat, params)
-        check_sigma_for(config.sigma, flat, params)
         return initial_state(
             config,
             params,
@@ -335,7 +340,15 @@ def estimator(
             noise=policy.init_noise(config, flat),
         )
 
-    check_state = state_checker(init_fn, config.name)
+    def init_fn(params: PyTree) -> EstimatorState:
+        if is_params_placeholder(params):
+            return placeholder_state(config)
+        check_sigma_for(config.sigma, ravel_pytree(params)[0], params)
+        return state_for(params)
+
+    # (Not init_fn: an update's compiled program may be shared with an estimator of
+    # another sigma, and the state's form does not depend on it.)
+    check_state = state_checker(state_for, config.name)
 
     def update(sigma, updates, state, params):
         loss_dtype = check_against_system(system, params)  # names what is wrong

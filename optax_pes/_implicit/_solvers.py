@@ -397,20 +397,21 @@ class Broyden(AbstractSolver):
         restart = nxt == 0
         # The next step goes to row `nxt` and the new update is row `nxt` of A.
         keep = 1 - jax.nn.one_hot(nxt, rows, dtype=z.dtype)
-        row = jnp.where(restart | ~ok, 0, row * keep)
+        new_step = jnp.where(restart, g, kappa * step)
+        # A g that is not finite (z left fn's domain, or |g| overflows: the driver's
+        # test, which ends this sample's solve), or a next step that overflows
+        # (which ends it one step later), writes neither its step nor its update:
+        # the inverse handed to the backward is that of the steps before. (The
+        # stale row of S left in its place meets a zero row and column of A.)
+        finite = jnp.isfinite(jnp.linalg.norm(g)) & jnp.all(jnp.isfinite(new_step))
+        row = jnp.where(restart | ~ok | ~finite, 0, row * keep)
         a = state.a.at[nxt].set(_keep(active, row, state.a[nxt]))
-        step = _keep(active, jnp.where(restart, g, kappa * step), state.step)
-        # A g that is not finite (z left fn's domain, or |g| overflows) ends this
-        # sample's solve (the driver's test, the same |g|^2): its step, not finite,
-        # is not written, so the inverse handed to the backward is that of the
-        # steps before. (The stale row left in its place meets A's zero row and
-        # column: it adds nothing.)
-        written = active & jnp.isfinite(jnp.dot(g, g))
+        step = _keep(active, new_step, state.step)
         return _BroydenState(
             z,
             g,
             step,
-            state.s.at[nxt].set(_keep(written, step, state.s[nxt])),
+            state.s.at[nxt].set(_keep(active & finite, step, state.s[nxt])),
             a,
             _keep(active, (nxt + 1).astype(jnp.int32), state.filled),
         )

@@ -118,12 +118,15 @@ def check_float_tree(tree: PyTree, name: str) -> None:
         dtype = getattr(leaf, "dtype", None)
         if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
             where = jax.tree_util.keystr(path) or "the root"
-            what = (
-                f"a Python {type(leaf).__name__}, not an array (convert {name} with "
-                "jnp.asarray)"
-                if dtype is None
-                else f"{type(leaf).__name__} with dtype {dtype}"
-            )
+            if isinstance(leaf, float):
+                what = f"a Python float, not an array (convert {name} with jnp.asarray)"
+            elif dtype is None:
+                kind = type(leaf).__name__
+                if type(leaf).__module__ == "builtins":
+                    kind = f"Python {kind}"
+                what = f"a {kind} object, not a floating-point array"
+            else:
+                what = f"{type(leaf).__name__} with dtype {dtype}"
             raise TypeError(
                 f"{name} must be a pytree of floating-point arrays; the leaf at "
                 f"{where} is {what}"

@@ -14,6 +14,8 @@ argument) runs `fn` as it is.
 """
 
 import collections
+import functools
+import threading
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -45,22 +47,51 @@ def static_key(tree: Any) -> Hashable | None:
     return key
 
 
+def captures_tracer(tree: Any, depth: int = 0) -> bool:
+    """Whether a static pytree's functions close over a tracer (of a transformation
+    the call is inside: `lambda z, x: jnp.tanh(w @ z + x)` built in a loss that
+    `jax.grad` or `jax.jit` traces in `w`): their closures, defaults, `partial`
+    arguments and bound `self`, a few levels deep. A program keyed by such a function
+    would keep the tracer alive after its trace ends (a leak, which
+    `jax.checking_leaks` reports), and could never be used again."""
+    if depth > 3:
+        return False
+    for leaf in jax.tree.leaves(tree):
+        if isinstance(leaf, jax.core.Tracer):
+            return True
+        if isinstance(leaf, functools.partial):
+            held = [leaf.func, leaf.args, leaf.keywords]
+        else:
+            held = [getattr(leaf, name, None) for name in ("__self__", "__defaults__")]
+            for cell in getattr(leaf, "__closure__", None) or ():
+                try:
+                    held.append(cell.cell_contents)
+                except ValueError:  # an empty cell
+                    pass
+        held = [x for x in held if x is not None and x is not leaf]
+        if held and captures_tracer(held, depth + 1):
+            return True
+    return False
+
+
 class LRU:
     """At most `size` values by key, the least recently used dropped first."""
 
     def __init__(self, size: int = _MAX_PROGRAMS):
         self._size = size
         self._items: collections.OrderedDict[Hashable, Any] = collections.OrderedDict()
+        self._lock = threading.Lock()  # (an eviction between get and move: KeyError)
 
     def get(self, key: Hashable, make: Callable[[], Any]) -> Any:
         """The value at `key`, made by `make()` if it is not there."""
-        value = self._items.get(key)
-        if value is None:
-            value = self._items[key] = make()
-            while len(self._items) > self._size:
-                self._items.popitem(last=False)
-        self._items.move_to_end(key)
-        return value
+        with self._lock:
+            value = self._items.get(key)
+            if value is None:
+                value = self._items[key] = make()
+                while len(self._items) > self._size:
+                    self._items.popitem(last=False)
+            self._items.move_to_end(key)
+            return value
 
     def __len__(self) -> int:
         return len(self._items)
@@ -83,7 +114,7 @@ class SharedJit:
     def __call__(self, *args: Any) -> Any:
         dynamic, static = eqx.partition(args, _is_array)
         key = static_key(static)
-        if key is None:
+        if key is None or captures_tracer(static):
             return self._fn(*args)
         fn = self._fn
 

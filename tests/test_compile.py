@@ -68,3 +68,23 @@ def test_programs_are_bounded_and_let_their_data_go():
     gc.collect()
     alive = [r() is not None for r in refs]
     assert not any(alive[:4]) and all(alive[4:])
+
+
+def test_functions_closing_over_tracers_are_not_kept():
+    import functools
+
+    import jax
+
+    from optax_pes._compile import captures_tracer
+
+    shared = SharedJit(lambda x, f: f(x))
+
+    def loss(w):
+        assert captures_tracer([lambda x: x * w])
+        assert captures_tracer([functools.partial(lambda w, x: x * w, w)])
+        assert captures_tracer([lambda x, w=w: x * w])
+        return shared(jnp.ones(()), lambda x: x * w)
+
+    np.testing.assert_allclose(jax.jit(jax.grad(loss))(2.0), 1.0)
+    assert len(shared._programs) == 0
+    assert not captures_tracer([lambda x: x * 2.0, np.add])

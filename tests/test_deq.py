@@ -762,3 +762,17 @@ def test_eager_calls_compile_once():
     seen = len(traces)
     calls()
     assert len(traces) == seen
+
+
+def test_a_layer_closing_over_a_traced_array_leaks_no_tracer():
+    """A DEQ built inside a traced loss from a function closing over the traced
+    weight runs as it is: a shared program keyed by that function would hold the
+    tracer after its trace (jax.checking_leaks reported it)."""
+    x, z0, w = jnp.ones(3), jnp.zeros(3), 0.3 * jnp.eye(3)
+
+    def loss(w):
+        return jnp.sum(optax_pes.DEQ(lambda z, x: jnp.tanh(w @ z + x))(x, z0))
+
+    with jax.checking_leaks():
+        for f in (jax.grad(loss), jax.jit(loss), jax.jit(jax.grad(loss))):
+            jax.block_until_ready(f(w))

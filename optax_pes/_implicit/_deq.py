@@ -107,6 +107,11 @@ class DEQ(eqx.Module):
         A solve that does not converge returns its lowest-residual iterate with
         `info.converged == False`; gradients stay finite. (The backward pass's own
         solve, if the adjoint has one, reports failures with a `RuntimeWarning`.)
+
+        Eagerly too it runs as one compiled program, shared by calls with the same
+        `fn` and static fields (as `eqx.filter_jit` would): `fn`'s arrays are its
+        arguments, and what `fn` reads from elsewhere (a global, a plain Python
+        attribute) is read when the program is first built.
         """
         return _compiled_solve(self, x, z0)
 

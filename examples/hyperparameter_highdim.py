@@ -36,12 +36,13 @@ loss (no grid search in 20,000 dimensions). Prints a table and saves a figure (d
 
 What to expect (full run, 2 CPU cores, 40 outer steps; docs/examples.md has the
 table): `shine_refine + diag` follows HOAG's curve step for step (final held-out loss
-0.0249 and 0.0250, from 0.474) and reaches HOAG's final loss in 0.23-0.25x its time;
-`shine + diag` costs 0.99-1.09x a `jacobian_free` step and, at `jacobian_free`'s total
-time, is lower (0.0344-0.0390 against 0.0407; two runs); plain `shine` ends at 0.047,
-behind `jacobian_free`; `shine_opa` is near-exact per step but 2.4-2.8x as costly.
+0.0248 and 0.0250, from 0.474) and reaches HOAG's final loss in 0.29-0.31x its time;
+`shine + diag` costs 1.01-1.20x a `jacobian_free` step, ends lower (0.0345 against
+0.0407), and at `jacobian_free`'s total time is ahead or behind by run (0.0359, 0.0425;
+two runs); plain `shine` ends at 0.047, behind `jacobian_free`; `shine_opa` is
+near-exact per step but 2.5-3.0x as costly.
 
-    python examples/hyperparameter_highdim.py            # 20,000 features, ~8 minutes
+    python examples/hyperparameter_highdim.py            # 20,000 features, ~5 minutes
     python examples/hyperparameter_highdim.py --quick    # 2,000 features, ~30 s
 """
 

@@ -104,6 +104,30 @@ def test_disagreeing_pair_flags_under_jit_leave_the_pair_out():
     np.testing.assert_array_equal(estimate, expected)
 
 
+def test_eager_ask_and_tell_run_compiled(monkeypatch):
+    """Called outside jit, as a foreign loop does, ask and tell each run as one
+    compiled program: their window's work is traced once, not run op by op on every
+    window (3.6-6.4 ms a window against 0.4 ms)."""
+    from optax_pes._es import _ask_tell
+
+    calls = []
+
+    def counted(fn):
+        def wrapped(*args, **kwargs):
+            calls.append(fn.__name__)
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(_ask_tell, "draw", counted(_ask_tell.draw))
+    monkeypatch.setattr(_ask_tell, "credit", counted(_ask_tell.credit))
+    system, theta = linear_quadratic(1, theta_shapes=(3,), horizon=6)
+    at = optax_pes.ask_tell("pes", num_particles=N, sigma=0.1, key=5)
+    _drive(at, system, theta, 4)
+    # One trace of ask's program (a draw), one of tell's (a draw and a credit).
+    assert sorted(calls) == ["credit", "draw", "draw"]
+
+
 def test_bad_input_names_the_argument():
     at = optax_pes.ask_tell("pes", num_particles=N, sigma=0.1, key=0)
     theta = jnp.zeros(2)

@@ -18,11 +18,13 @@ from jaxtyping import Array, Bool, Float, PRNGKeyArray, PyTree
 from optax_pes._checks import (
     as_key,
     check_choice,
+    check_finite_params,
     check_float_tree,
     check_int,
     is_concrete,
     state_checker,
 )
+from optax_pes._compile import SharedJit
 from optax_pes._es._config import (
     EstimatorConfig,
     check_not_empty,
@@ -159,7 +161,11 @@ def ask_tell(
 
     check_state = state_checker(init, config.name)
 
-    def ask(state: EstimatorState, params: PyTree) -> Ask:
+    # ask and tell run as one compiled program each (a foreign loop calls them
+    # eagerly, once a window: op by op that took 3.6-6.4 ms against 0.4 ms), with
+    # the checks that need concrete values made before.
+    @SharedJit
+    def draw_thetas(state: EstimatorState, params: PyTree) -> Ask:
         check_state(state, params)
         d = draw(config, policy, state, params)
         p = d.perturbation
@@ -169,6 +175,10 @@ def ask_tell(
             jax.vmap(d.unravel)(after),
             jnp.tile(state.needs_init, members),
         )
+
+    def ask(state: EstimatorState, params: PyTree) -> Ask:
+        check_finite_params(params)  # eagerly an error; under jit, counted
+        return draw_thetas(state, params)
 
     def per_group(
         flags: Any, name: str
@@ -210,7 +220,6 @@ def ask_tell(
         losses_after: Float[Array, " particles"] | None = None,
         reset_inside: Bool[Array, " particles"] | None = None,
     ) -> tuple[PyTree, EstimatorState]:
-        check_state(state, params)
         losses = losses_of(losses, "losses")
         ended, agree = per_group(ended, "ended")
         if (losses_after is None) != (reset_inside is None):
@@ -221,6 +230,12 @@ def ask_tell(
             after = losses_of(losses_after, "losses_after").astype(losses.dtype)
             inside, agree_inside = per_group(reset_inside, "reset_inside")
             agree = agree & agree_inside
+        check_finite_params(params)  # eagerly an error; under jit, counted
+        return credit_losses(state, params, losses, after, ended, inside, agree)
+
+    @SharedJit
+    def credit_losses(state, params, losses, after, ended, inside, agree):
+        check_state(state, params)
         # A pair whose members' flags disagree (possible only under jit) is left
         # out and counted, as a pair with a non-finite loss is.
         losses = jnp.where(jnp.tile(agree, members), losses, jnp.nan)

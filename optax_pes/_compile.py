@@ -16,6 +16,7 @@ argument) runs `fn` as it is.
 import collections
 import functools
 import threading
+import types
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -47,30 +48,50 @@ def static_key(tree: Any) -> Hashable | None:
     return key
 
 
-def captures_tracer(tree: Any, depth: int = 0) -> bool:
-    """Whether a static pytree's functions close over a tracer (of a transformation
-    the call is inside: `lambda z, x: jnp.tanh(w @ z + x)` built in a loss that
-    `jax.grad` or `jax.jit` traces in `w`): their closures, defaults, `partial`
-    arguments and bound `self`, a few levels deep. A program keyed by such a function
-    would keep the tracer alive after its trace ends (a leak, which
-    `jax.checking_leaks` reports), and could never be used again."""
-    if depth > 3:
-        return False
-    for leaf in jax.tree.leaves(tree):
-        if isinstance(leaf, jax.core.Tracer):
+def _held(obj: Any) -> list[Any]:
+    """What a static leaf holds that a call of it may read: a function's closure
+    cells and defaults, a `partial`'s function and arguments, a bound method's
+    object, an object's attributes."""
+    if isinstance(obj, (type, types.ModuleType, types.BuiltinFunctionType)):
+        return []
+    if isinstance(obj, functools.partial):
+        return [obj.func, obj.args, obj.keywords]
+    held = []
+    try:
+        for name in ("__self__", "__defaults__", "__kwdefaults__"):
+            held.append(getattr(obj, name, None))
+        for cell in getattr(obj, "__closure__", None) or ():
+            try:
+                held.append(cell.cell_contents)
+            except ValueError:  # an empty cell
+                pass
+        if not isinstance(obj, types.FunctionType):
+            held.extend(vars(obj).values())  # a callable object's fields
+    except Exception:  # noqa: BLE001 - an object that will not say: nothing found
+        pass
+    return [x for x in held if x is not None]
+
+
+def captures_tracer(tree: Any, limit: int = 10_000) -> bool:
+    """Whether a static pytree's functions hold a tracer (of a transformation the
+    call is inside: `lambda z, x: jnp.tanh(w @ z + x)`, or a callable object storing
+    `w`, built in a loss that `jax.grad` or `jax.jit` traces in `w`), through
+    closures, defaults, `partial` arguments, bound objects and attributes, looking
+    at `limit` objects at most. A program keyed by such a function would keep the
+    tracer alive after its trace ends (a leak, which `jax.checking_leaks`
+    reports), and could never be used again."""
+    stack, seen = list(jax.tree.leaves(tree)), set()
+    while stack and len(seen) < limit:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, jax.core.Tracer):
             return True
-        if isinstance(leaf, functools.partial):
-            held = [leaf.func, leaf.args, leaf.keywords]
-        else:
-            held = [getattr(leaf, name, None) for name in ("__self__", "__defaults__")]
-            for cell in getattr(leaf, "__closure__", None) or ():
-                try:
-                    held.append(cell.cell_contents)
-                except ValueError:  # an empty cell
-                    pass
-        held = [x for x in held if x is not None and x is not leaf]
-        if held and captures_tracer(held, depth + 1):
-            return True
+        if isinstance(obj, (str, bytes, int, float, complex, bool)):
+            continue
+        for held in _held(obj):
+            stack.extend(jax.tree.leaves(held))
     return False
 
 

@@ -79,12 +79,31 @@ def test_functions_closing_over_tracers_are_not_kept():
 
     shared = SharedJit(lambda x, f: f(x))
 
+    class Scale:  # a callable object holding the traced array
+        def __init__(self, w):
+            self.w = w
+
+        def __call__(self, x):
+            return x * self.w
+
     def loss(w):
         assert captures_tracer([lambda x: x * w])
         assert captures_tracer([functools.partial(lambda w, x: x * w, w)])
         assert captures_tracer([lambda x, w=w: x * w])
-        return shared(jnp.ones(()), lambda x: x * w)
+        assert captures_tracer([Scale(w), Scale(w).__call__])
+        nested = lambda: lambda: lambda: lambda: lambda: w  # noqa: E731
+        assert captures_tracer([nested()()()()])
+        return shared(jnp.ones(()), lambda x: x * w) + shared(jnp.ones(()), Scale(w))
 
-    np.testing.assert_allclose(jax.jit(jax.grad(loss))(2.0), 1.0)
+    np.testing.assert_allclose(jax.jit(jax.grad(loss))(2.0), 2.0)
     assert len(shared._programs) == 0
-    assert not captures_tracer([lambda x: x * 2.0, np.add])
+    assert not captures_tracer([lambda x: x * 2.0, np.add, len, Scale(2.0)])
+
+    class Odd:  # attributes that raise, a closure that is not a tuple
+        __closure__ = 5
+
+        @property
+        def __defaults__(self):
+            raise RuntimeError
+
+    assert not captures_tracer([Odd()])

@@ -404,13 +404,12 @@ def test_float64_kept_and_state_survives_lax_cond(config, x64):
 # --------------------------------------------------------------- optax wrappers ---
 
 
-@pytest.mark.parametrize("name", ES)
-def test_inject_hyperparams(name):
-    config = Config(name)
-    tx, update, _ = _jitted(config)
-    kwargs = dict(
-        system=_system(HORIZON), num_particles=NUM_PARTICLES, sigma=SIGMA, key=0
-    )
+def _injected(name, system):
+    """`optax.inject_hyperparams` of the factory `name` on `system`, sigma injected
+    (TBPTT has none) and every structural argument static."""
+    kwargs = dict(system=system, key=0)
+    if name != "tbptt":
+        kwargs.update(num_particles=NUM_PARTICLES, sigma=SIGMA)
     static_args = ["system", "key", "num_particles"]
     if name != "full_es":
         kwargs["truncation_length"] = K
@@ -418,7 +417,14 @@ def test_inject_hyperparams(name):
     factory = optax.inject_hyperparams(
         getattr(optax_pes, name), static_args=static_args
     )
-    injected = factory(**kwargs)
+    return factory(**kwargs)
+
+
+@pytest.mark.parametrize("name", ES)
+def test_inject_hyperparams(name):
+    config = Config(name)
+    tx, update, _ = _jitted(config)
+    injected = _injected(name, _system(HORIZON))
     inject_update, traces = counting_jit(injected.update)
     params = _params()
     zeros = _zeros(params)
@@ -467,18 +473,7 @@ def test_eager_inject_hyperparams_compiles_once(name, partial):
         step = eqx.Partial(scaled_step, jnp.asarray(1.0))
     else:
         step = counted_step
-    system = optax_pes.UnrolledSystem(base.init, step, base.horizon)
-    kwargs = dict(system=system, key=0)
-    static_args = ["system", "key", "num_particles"]
-    if name != "tbptt":
-        kwargs.update(num_particles=NUM_PARTICLES, sigma=SIGMA)
-    if name != "full_es":
-        kwargs["truncation_length"] = K
-        static_args += ["truncation_length", "stagger"]
-    factory = optax.inject_hyperparams(
-        getattr(optax_pes, name), static_args=static_args
-    )
-    injected = factory(**kwargs)
+    injected = _injected(name, optax_pes.UnrolledSystem(base.init, step, base.horizon))
     params = _params()
     zeros = _zeros(params)
     state = injected.init(params)

@@ -19,7 +19,6 @@ import functools
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, NamedTuple
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,7 +33,7 @@ from optax_pes._checks import (
     require_params,
     state_checker,
 )
-from optax_pes._compile import LRU, static_key
+from optax_pes._compile import LRU, captures_tracer, static_key
 from optax_pes._es._config import EstimatorConfig, check_not_empty, check_sigma_for
 from optax_pes._es._state import (
     EstimatorState,
@@ -201,8 +200,10 @@ def _program_key(config: EstimatorConfig, kind: Hashable) -> Hashable | None:
     so its id is not reused while the entry lives. None when something else cannot
     be hashed.
     """
+    if captures_tracer(config.system):  # built inside a trace: not to be kept
+        return None
     system = static_key(config.system)
-    if system is None or any(eqx.is_array(x) for x in jax.tree.leaves(config.system)):
+    if system is None:  # (arrays are not hashable)
         system = ("the system object", id(config.system))
     key = (
         kind,

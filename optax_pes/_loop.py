@@ -127,15 +127,14 @@ def outer_loop(
     state = tx.init(theta) if state is None else state
     theta, state = _replicated_on_the_mesh((theta, state))
 
-    def scan(theta, state, length):
-        return _compiled_chunk(tx, theta, state, length, record_theta)
-
     bar = _bar(progress, num_updates)
     thetas, rows = [], []
     done, since_checkpoint = 0, 0
     while done < num_updates:
         length = min(chunk, num_updates - done)
-        (theta, state), (chunk_thetas, chunk_diag) = scan(theta, state, length)
+        (theta, state), (chunk_thetas, chunk_diag) = _compiled_chunk(
+            tx, theta, state, length, record_theta
+        )
         done += length
         since_checkpoint += length
         if record_theta:

@@ -205,24 +205,21 @@ def _program_key(config: EstimatorConfig, kind: Hashable) -> Hashable | None:
     system = static_key(config.system)
     if system is None:  # (arrays are not hashable)
         system = ("the system object", id(config.system))
-    key = (
-        kind,
-        config.name,
-        system,
-        config.truncation_length,
-        config.num_particles,
-        config.signs,
-        config.num_groups,
-        tuple(int(o) for o in config.offsets),
-        config.sync,
-        config.placement.spec,
-        config.key.dtype,
+    return static_key(
+        (
+            kind,
+            config.name,
+            system,
+            config.truncation_length,
+            config.num_particles,
+            config.signs,
+            config.num_groups,
+            tuple(int(o) for o in config.offsets),
+            config.sync,
+            config.placement.spec,
+            config.key.dtype,
+        )
     )
-    try:
-        hash(key)
-    except TypeError:
-        return None
-    return key
 
 
 def compiled_when_eager(

@@ -161,10 +161,23 @@ def tree_serialise_leaves(path_or_file: str | pathlib.Path | BinaryIO, pytree: P
         except BaseException:
             temporary.unlink(missing_ok=True)
             raise
+        _sync_directory(path.parent)
         return None
     header = json.dumps(_header(pytree)).encode()
     path_or_file.write(_MAGIC + struct.pack("<Q", len(header)) + header)
     eqx.tree_serialise_leaves(path_or_file, pytree, filter_spec=_save)
+
+
+def _sync_directory(directory: pathlib.Path) -> None:
+    """Make a rename in `directory` durable: fsync the directory (POSIX; Windows
+    cannot open a directory for it)."""
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _read_header(f: BinaryIO) -> dict[str, Any]:

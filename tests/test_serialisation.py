@@ -1,6 +1,8 @@
 """Checkpoints refuse what does not fit, and say when a file is truncated or corrupt."""
 
 import io
+import os
+import stat
 
 import jax
 import jax.numpy as jnp
@@ -119,6 +121,23 @@ def test_an_interrupted_write_leaves_the_previous_checkpoint(tmp_path, monkeypat
     optax_pes.tree_serialise_leaves(path, {"theta": THETA + 1})  # and it still saves
     restored = optax_pes.tree_deserialise_leaves(path, {"theta": jnp.zeros(1)})
     np.testing.assert_array_equal(restored["theta"], THETA + 1)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="directories are fsynced on POSIX")
+def test_the_rename_is_made_durable(tmp_path, monkeypatch):
+    # The file's bytes were fsynced, but not the directory's entry that the rename
+    # wrote: after a power loss the path could still name the previous checkpoint
+    # (or nothing, for a new one).
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    optax_pes.tree_serialise_leaves(tmp_path / "run.eqx", {"theta": THETA})
+    assert synced == [False, True]  # the file, then its directory
 
 
 def test_a_write_through_a_symlink_keeps_the_link_and_the_mode(tmp_path):

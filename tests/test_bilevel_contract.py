@@ -179,6 +179,7 @@ def _check_dtype_and_lax_cond(method, dtype):
         ("inner_grad_norm", jnp.float32),
         ("inner_converged", jnp.bool_),
         ("hypergrad_norm", jnp.float32),
+        ("backward_converged", jnp.bool_),
     ]:
         value = getattr(new_state, field)
         assert value.shape == () and value.dtype == field_dtype, field
@@ -354,6 +355,23 @@ def test_tree_map_params_over_a_chain():
 
 
 # ------------------------------------------------------------------ non-finite ----
+
+
+def test_an_implicit_solve_stopped_short_is_reported():
+    """`"implicit"`'s CG stopped by `implicit_max_steps` above `implicit_tol` gave
+    its last iterate as the exact reference without a word: `backward_converged`
+    says so, as `inner_converged` does for the inner solve. (The hypergradient is
+    still added: finite, as inexact as its solve.)"""
+    params = _params()
+    for steps, converged in [(1, False), (50, True)]:
+        tx = _make("implicit", implicit_max_steps=steps, implicit_tol=1e-5)
+        _, state = tx.update(_zeros(params), tx.init(params), params)
+        assert bool(state.backward_converged) is converged, steps
+        assert np.isfinite(float(state.hypergrad_norm))
+    # A method with no tolerance (a fixed number of steps, or none) has converged.
+    tx = _make("shine_refine", refine_steps=1)
+    _, state = tx.update(_zeros(params), tx.init(params), params)
+    assert bool(state.backward_converged)
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
-from jaxtyping import Array, Float, Int, PyTree
+from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from optax_pes._checks import (
     check_callable,
@@ -65,6 +65,9 @@ class BilevelState(NamedTuple):
     hypergrad_norm: jax.Array  # shape=(), float32: norm of the last hypergradient;
     #   NaN when it (or the outer gradient, the inner loss at w*, or a traced
     #   tolerance) was not usable and nothing was added
+    backward_converged: jax.Array  # shape=(), bool: False when "implicit"'s CG
+    #   stopped at implicit_max_steps above implicit_tol (its true residual); True
+    #   for the other methods, which have no tolerance
 
 
 # ------------------------------------------------------------------ the methods ----
@@ -121,8 +124,9 @@ class _AbstractHypergradientMethod(eqx.Module):
         opt_state: Any,
         outer_grad: Float[Array, " d"],
         losses: _Losses,
-    ) -> Float[Array, " d"]:
-        r"""$v$ at the inner solution `w`, whose solver state is `opt_state`."""
+    ) -> tuple[Float[Array, " d"], Bool[Array, ""]]:
+        r"""$v$ at the inner solution `w`, whose solver state is `opt_state`, and
+        whether its solve reached its tolerance (True for a method without one)."""
 
     def usable(self) -> Array | None:
         """Whether the method's traced settings are usable (None: all checked)."""
@@ -141,7 +145,7 @@ class _Shine(_AbstractAfterSolve):
     """`"shine"`: the two-loop recursion over the inner solver's own memory."""
 
     def solve(self, w, opt_state, outer_grad, losses):
-        return losses.inverse(w, opt_state).mv(outer_grad)
+        return losses.inverse(w, opt_state).mv(outer_grad), jnp.asarray(True)
 
 
 class _ShineOPA(_AbstractHypergradientMethod):
@@ -167,7 +171,7 @@ class _ShineOPA(_AbstractHypergradientMethod):
         return jax.lax.cond(due, add_pair, lambda: opt_state)
 
     def solve(self, w, opt_state, outer_grad, losses):
-        return losses.inverse(w, opt_state).mv(outer_grad)
+        return losses.inverse(w, opt_state).mv(outer_grad), jnp.asarray(True)
 
 
 class _ShineRefine(_AbstractAfterSolve):
@@ -180,7 +184,7 @@ class _ShineRefine(_AbstractAfterSolve):
     def solve(self, w, opt_state, outer_grad, losses):
         inverse = losses.inverse(w, opt_state)
         if not self.refine_steps:
-            return inverse.mv(outer_grad)
+            return inverse.mv(outer_grad), jnp.asarray(True)
         # (Over its largest entry, as in "implicit": CG's inner products of a
         # float32 gradient past 1.8e19 overflow, and refinement fell back silently.)
         peak, vector = _normalised(outer_grad)
@@ -188,7 +192,8 @@ class _ShineRefine(_AbstractAfterSolve):
         # tol = atol = 0: no stopping rule but the step count.
         refined = _cg(losses.hessian(w), vector, v, inverse.mv, 0.0, self.refine_steps)
         # A breakdown (an exactly zero curvature: 0 / 0) keeps v.
-        return peak * jnp.where(jnp.all(jnp.isfinite(refined)), refined, v)
+        v = jnp.where(jnp.all(jnp.isfinite(refined)), refined, v)
+        return peak * v, jnp.asarray(True)
 
 
 class _Implicit(_AbstractAfterSolve):
@@ -212,7 +217,11 @@ class _Implicit(_AbstractAfterSolve):
         peak, vector = _normalised(outer_grad)
         zero = jnp.zeros_like(vector)
         hessian = losses.hessian(w)
-        return peak * _cg(hessian, vector, zero, None, tol, self.implicit_max_steps)
+        v = _cg(hessian, vector, zero, None, tol, self.implicit_max_steps)
+        # Its true residual, one more product (CG's own, updated recursively, drifts
+        # from it in float32): hitting implicit_max_steps is reported, not silent.
+        residual = jnp.linalg.norm(hessian(v) - vector)
+        return peak * v, residual <= tol * jnp.linalg.norm(vector)
 
 
 class _JacobianFree(_AbstractAfterSolve):
@@ -220,7 +229,7 @@ class _JacobianFree(_AbstractAfterSolve):
 
     def solve(self, w, opt_state, outer_grad, losses):
         del w, opt_state, losses
-        return outer_grad
+        return outer_grad, jnp.asarray(True)
 
 
 def _normalised(vector: Array) -> tuple[Array, Array]:
@@ -482,7 +491,7 @@ def _update(
         inner_max_steps,
     )
     outer_grad = losses.outer_grad(w)
-    v = strategy.solve(w, opt_state, outer_grad, losses)
+    v, backward_converged = strategy.solve(w, opt_state, outer_grad, losses)
     grad_h = jax.grad(lambda h: g(w, h))(params)
     _, mixed_vjp = jax.vjp(lambda h: jax.grad(f)(w, h), params)
     (mixed,) = mixed_vjp(v)
@@ -513,6 +522,7 @@ def _update(
         inner_grad_norm=jnp.linalg.norm(grad).astype(jnp.float32),
         inner_converged=converged,
         hypergrad_norm=norm,
+        backward_converged=backward_converged,
     )
     return add_to_updates(updates, hypergrad), new_state
 
@@ -574,7 +584,10 @@ def shine_bilevel(
     - `"shine_refine"`: `refine_steps` conjugate-gradient steps from the SHINE
       estimate, preconditioned by the same L-BFGS inverse.
     - `"implicit"`: conjugate gradient to `implicit_tol` (at most
-      `implicit_max_steps`): the exact reference (HOAG).
+      `implicit_max_steps`; a solve that hits it is reported in
+      `state.backward_converged`): the exact reference (HOAG). The default
+      `implicit_tol=1e-10` needs float64: in float32 take about `1e-6`, or every
+      solve runs to `implicit_max_steps`.
     - `"jacobian_free"`: $v = \nabla_w g$ (the inverse replaced by the identity).
 
     The keyword arguments of `update` that `loss_kwargs` names (a data batch, say)
@@ -680,6 +693,7 @@ def shine_bilevel(
             inner_grad_norm=jnp.zeros((), jnp.float32),
             inner_converged=jnp.zeros((), bool),
             hypergrad_norm=jnp.zeros((), jnp.float32),
+            backward_converged=jnp.zeros((), bool),
         )
 
     program = _Program(

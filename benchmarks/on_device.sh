@@ -9,9 +9,8 @@
 #
 # The machine's image has jax (CUDA), equinox, optax, flax, lineax, optimistix and
 # scikit-learn, but not jaxopt, evosax or evosax's dotmap (pure-Python wheels). Fetch
-# them here once, into a folder git ignores:
+# them here once, into .whl (which .gitignore lists):
 #
-#     echo /.whl/ >> .git/info/exclude
 #     python3 -m pip download --no-deps --only-binary=:all: -d .whl \
 #         jaxopt==0.8.5 evosax==0.3.2 dotmap==1.3.30
 #

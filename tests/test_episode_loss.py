@@ -87,3 +87,36 @@ def test_episode_loss_tracks_theta():
     np.testing.assert_allclose(
         state.diagnostics.episode_loss, 10 * (5 + 2 * 0.01), rtol=0.02
     )
+
+
+def test_half_precision_losses_are_summed_in_float32():
+    # A window's per-step losses were summed in the loss's own dtype: a bfloat16 total
+    # of ~200 rounds to 1.0, so the difference between a pair's totals (the estimate)
+    # and the diagnostics came out wrong without a word (a bfloat16 model's training
+    # loss is such a loss). Summed in float32, they equal the float32 run's.
+    k = 100
+
+    def system(dtype):
+        def init(theta, key):
+            return jnp.zeros(())
+
+        def step(theta, s, key):  # every step's loss rounded to `dtype`, 2 + theta
+            return s, (2.0 + theta[0]).astype(jnp.bfloat16).astype(dtype)
+
+        return optax_pes.UnrolledSystem(init, step, k)
+
+    theta = jnp.zeros(1)
+    results = {}
+    for dtype in (jnp.bfloat16, jnp.float16, jnp.float32):
+        tx = optax_pes.pes(
+            system(dtype), num_particles=64, sigma=0.1, truncation_length=k, key=0
+        )
+        estimate, state = tx.update(jnp.zeros(1), tx.init(theta), theta)
+        results[dtype] = (estimate, state.diagnostics)
+    estimate32, diagnostics32 = results[jnp.float32]
+    for dtype in (jnp.bfloat16, jnp.float16):
+        estimate, diagnostics = results[dtype]
+        np.testing.assert_allclose(estimate, estimate32, rtol=1e-6)
+        assert float(diagnostics.mean_loss) == float(diagnostics32.mean_loss)
+        assert float(diagnostics.episode_loss) == float(diagnostics32.episode_loss)
+    np.testing.assert_allclose(float(diagnostics32.episode_loss), 2.0 * k, rtol=1e-2)

@@ -87,6 +87,10 @@ def run_window(
         lambda: shard(tree_where(start, fresh_states(init_key, thetas), inner_state)),
         lambda: inner_state,
     )
+    # Summed in at least float32: a window's total is K times a step's loss, and a
+    # bfloat16 total of ~200 has a resolution of 1, which swallowed the differences
+    # between particles that the estimate is made of.
+    loss_dtype = jnp.promote_types(loss_dtype, jnp.float32)
     zeros = jnp.zeros(start.shape, loss_dtype)
     after = jnp.zeros(num_groups, bool)
 

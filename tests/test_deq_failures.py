@@ -519,3 +519,34 @@ def test_broyden_history_holds_only_finite_steps_in_float16():
         return jnp.all(jnp.isfinite(inverse.u)) & jnp.all(jnp.isfinite(inverse.core))
 
     assert bool(jnp.all(jax.jit(jax.vmap(one))(a, b)))
+
+
+@pytest.mark.parametrize(
+    "adjoint",
+    [
+        optax_pes.Implicit(tol=1e-2),
+        optax_pes.Shine(refine_steps=3, refine_solver="gmres"),
+    ],
+    ids=["Implicit", "Shine-gmres"],
+)
+def test_gmres_backward_of_a_half_precision_layer(adjoint):
+    # lineax's GMRES solves its small least-squares problem with LAPACK, which has
+    # no bfloat16 or float16: the backward pass raised "Unsupported dtype bfloat16"
+    # from jaxlib, naming neither the adjoint nor the dtype. The Krylov solve now
+    # runs in float32 around the layer's own half-precision VJPs.
+    d = 8
+    w = 0.5 * jax.random.normal(jax.random.key(0), (d, d)) / jnp.sqrt(d)
+    x = jax.random.normal(jax.random.key(1), (d,))
+
+    def grad(dtype):
+        weight = w.astype(dtype)
+        deq = optax_pes.DEQ(lambda z, x: jnp.tanh(weight @ z + x), adjoint=adjoint)
+        loss = lambda x: jnp.sum(deq(x, jnp.zeros(d, dtype)).astype(jnp.float32))  # noqa: E731
+        return jax.grad(loss)(x.astype(dtype))
+
+    for dtype in (jnp.bfloat16, jnp.float16):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # converged: no fallback
+            g = grad(dtype)
+        assert g.dtype == dtype
+        np.testing.assert_allclose(g.astype(jnp.float32), grad(jnp.float32), atol=0.05)

@@ -372,12 +372,21 @@ _RESIDUAL_SLACK = 10.0
 
 def _solve_transposed(vjp, grad, solver, y0):
     """Solve $(I - J_f^\top) w = \bar z$ with a lineax solver (not raising); `vjp`
-    is $f$'s at $z^*$."""
+    is $f$'s at $z^*$.
+
+    In at least float32, around the layer's own VJPs: lineax's GMRES (and its
+    direct solvers) call LAPACK, which has no bfloat16 or float16.
+    """
+    dtype = jnp.promote_types(grad.dtype, jnp.float32)
     operator = lx.FunctionLinearOperator(
-        lambda w: w - vjp(w), jax.ShapeDtypeStruct(grad.shape, grad.dtype)
+        lambda w: w - vjp(w.astype(grad.dtype)).astype(dtype),
+        jax.ShapeDtypeStruct(grad.shape, dtype),
     )
-    options = {} if y0 is None else {"y0": y0}
-    return lx.linear_solve(operator, grad, solver, options=options, throw=False).value
+    options = {} if y0 is None else {"y0": y0.astype(dtype)}
+    solution = lx.linear_solve(
+        operator, grad.astype(dtype), solver, options=options, throw=False
+    )
+    return solution.value.astype(grad.dtype)
 
 
 _SECOND_ORDER = (

@@ -125,7 +125,10 @@ def outer_loop(
         check_callable(on_chunk, "on_chunk", "on_chunk(theta, state, updates_done)")
     check_finite_params(theta, "theta")
     state = tx.init(theta) if state is None else state
-    theta, state = _replicated_on_the_mesh((theta, state))
+    # Strongly typed, as an update returns them: a theta written from Python scalars
+    # (`jnp.array(-3.0)`) and the optimizer moments made from it are weakly typed,
+    # and the second chunk compiled again for the strong types the first returned.
+    theta, state = _replicated_on_the_mesh(_strongly_typed((theta, state)))
 
     bar = _bar(progress, num_updates)
     thetas, rows = [], []
@@ -164,6 +167,14 @@ def outer_loop(
         ),
     )
     return theta, state, history
+
+
+def _strongly_typed(tree: PyTree) -> PyTree:
+    """`tree` with its weakly typed arrays made strongly typed, in the same dtype."""
+    return jax.tree.map(
+        lambda x: jnp.asarray(x, x.dtype) if getattr(x, "weak_type", False) else x,
+        tree,
+    )
 
 
 def _chunk(

@@ -93,6 +93,34 @@ def test_calls_that_resume_compile_once():
     assert int(state[0].count) == 15
 
 
+def test_a_weakly_typed_theta_compiles_one_chunk():
+    """A theta written from Python scalars (`jnp.array(-4.0)`) is weakly typed, and
+    the first chunk returned it strongly typed: the second chunk compiled again."""
+    traces = []
+    base = optax_pes.tasks.toy_regression()
+
+    def step(theta, state, key):
+        traces.append(None)
+        return base.step(theta, state, key)
+
+    system = optax_pes.UnrolledSystem(base.init, step, base.horizon)
+    pes = optax_pes.pes(system, num_particles=8, sigma=0.3, truncation_length=10, key=0)
+    tx = optax.chain(pes, optax.adam(1e-2))
+    theta = jnp.broadcast_to(jnp.array(-4.0), (2,))
+    assert theta.weak_type
+    seen = []
+    out, _, _ = optax_pes.outer_loop(
+        tx,
+        theta,
+        15,
+        chunk=5,
+        progress=False,
+        on_chunk=lambda theta, state, done: seen.append(len(traces)),
+    )
+    assert seen[0] == seen[1] == seen[2]
+    assert out.dtype == theta.dtype and not out.weak_type
+
+
 def test_bad_arguments():
     tx = _tx()
     with pytest.raises(ValueError, match="chunk must be an int >= 1"):

@@ -586,8 +586,8 @@ def shine_bilevel(
     - `"implicit"`: conjugate gradient to `implicit_tol` (at most
       `implicit_max_steps`; a solve that hits it is reported in
       `state.backward_converged`): the exact reference (HOAG). The default
-      `implicit_tol=1e-10` needs float64: in float32 take about `1e-6`, or every
-      solve runs to `implicit_max_steps`.
+      `implicit_tol=1e-10` needs float64: in float32 take about `1e-5`, or the
+      solves run to `implicit_max_steps`.
     - `"jacobian_free"`: $v = \nabla_w g$ (the inverse replaced by the identity).
 
     The keyword arguments of `update` that `loss_kwargs` names (a data batch, say)

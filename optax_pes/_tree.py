@@ -78,3 +78,18 @@ def scaled_global_norm_f32(tree: PyTree) -> Array:
     )
     scale = jnp.where((peak > 0) & jnp.isfinite(peak), peak, 1)
     return scale * jnp.sqrt(sum(jnp.sum(jnp.square(x / scale)) for x in leaves))
+
+
+def at_least_float32(dtype: Any) -> jnp.dtype:
+    """`dtype` where it is at least as wide as float32, else float32: the dtype to
+    sum, score or solve in for bfloat16 and float16 values. (Chosen, not promoted:
+    under `jax.numpy_dtype_promotion("strict")` a 16-bit float and float32 have no
+    implicit promotion.)"""
+    dtype = jnp.dtype(dtype)
+    return dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
+
+
+def norm(v: Array) -> Array:
+    """`jnp.linalg.norm(v)` in at least float32: a float16 norm overflows once it
+    passes 256 (its square passes float16's largest value, 65504)."""
+    return jnp.linalg.norm(v.astype(at_least_float32(v.dtype)))

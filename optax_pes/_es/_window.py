@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
 from optax_pes._es._config import EstimatorConfig
-from optax_pes._tree import tree_where
+from optax_pes._tree import at_least_float32, tree_where
 
 
 def tile_groups(tree: PyTree, members: int) -> PyTree:
@@ -90,7 +90,7 @@ def run_window(
     # Summed in at least float32: a window's total is K times a step's loss, and a
     # bfloat16 total of ~200 has a resolution of 1, which swallowed the differences
     # between particles that the estimate is made of.
-    loss_dtype = jnp.promote_types(loss_dtype, jnp.float32)
+    loss_dtype = at_least_float32(loss_dtype)
     zeros = jnp.zeros(start.shape, loss_dtype)
     after = jnp.zeros(num_groups, bool)
 

@@ -38,7 +38,7 @@ from jaxtyping import Array, Bool, Float, PyTree
 from optax_pes._checks import check_choice, check_float, check_int, python_float
 from optax_pes._implicit._flat import FlatFn, flat_layer, flat_vjp
 from optax_pes._implicit._solvers import AbstractSolver, LowRankInverse
-from optax_pes._tree import stop_gradient
+from optax_pes._tree import at_least_float32, stop_gradient
 
 
 class AbstractAdjoint(eqx.Module):
@@ -377,7 +377,7 @@ def _solve_transposed(vjp, grad, solver, y0):
     In at least float32, around the layer's own VJPs: lineax's GMRES (and its
     direct solvers) call LAPACK, which has no bfloat16 or float16.
     """
-    dtype = jnp.promote_types(grad.dtype, jnp.float32)
+    dtype = at_least_float32(grad.dtype)
     operator = lx.FunctionLinearOperator(
         lambda w: w - vjp(w.astype(grad.dtype)).astype(dtype),
         jax.ShapeDtypeStruct(grad.shape, dtype),

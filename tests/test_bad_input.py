@@ -543,3 +543,16 @@ def test_params_with_nothing_to_perturb():
     tx = optax_pes.pes(_system(), **_kwargs())
     with pytest.raises(ValueError, match="params must hold at least one number"):
         tx.init({"a": jnp.zeros(0)})
+
+
+@pytest.mark.parametrize("make", ES + [optax_pes.full_es])
+def test_a_bfloat16_sigma_is_a_float(make):
+    # bfloat16 is not an np.number, so a bfloat16 sigma (an injected hyperparameter
+    # of a bfloat16 model) was refused as "not a positive float scalar".
+    kwargs = _kwargs(sigma=jnp.asarray(0.1, jnp.bfloat16))
+    if make is optax_pes.full_es:
+        del kwargs["truncation_length"]
+    tx = make(_system(), **kwargs)
+    theta = jnp.ones(2)
+    estimate, _ = tx.update(jnp.zeros(2), tx.init(theta), theta)
+    assert np.all(np.isfinite(estimate))

@@ -418,6 +418,9 @@ def test_mlp_policy_shapes_and_start():
     np.testing.assert_array_equal(theta[0]["w"], theta_again[0]["w"])  # from the key
     _, linear = tasks.mlp_policy(4, 2, key=0, hidden_sizes=())
     assert [layer["w"].shape for layer in linear] == [(4, 2)]
+    # Every dtype starts from the same weights, rounded (bfloat16 drew its own).
+    _, half = tasks.mlp_policy(4, 2, key=0, hidden_sizes=(8, 5), dtype=jnp.bfloat16)
+    np.testing.assert_array_equal(half[0]["w"], theta[0]["w"].astype(jnp.bfloat16))
 
 
 def test_observation_statistics():

@@ -63,7 +63,8 @@ def check_sigma(sigma: Any) -> None:
         isinstance(sigma, bool)
     )
     array = isinstance(sigma, (jax.Array, np.ndarray)) and np.shape(sigma) == ()
-    if not (number or array) or (array and not np.issubdtype(sigma.dtype, np.number)):
+    # (jnp's test: bfloat16 is a float to JAX but not an np.number.)
+    if not (number or array) or (array and not jnp.issubdtype(sigma.dtype, jnp.number)):
         raise TypeError(f"sigma must be a positive float scalar, got {sigma!r}")
     if is_concrete(sigma):
         value = float(np.asarray(sigma))

@@ -44,7 +44,7 @@ from optax_pes._es._state import (
 )
 from optax_pes._es._system import check_against_system
 from optax_pes._es._window import WindowResult, run_window
-from optax_pes._tree import add_to_updates
+from optax_pes._tree import add_to_updates, at_least_float32
 
 
 class Perturbation(NamedTuple):
@@ -142,8 +142,12 @@ def perturb(
 def standard_normal(
     config: EstimatorConfig, flat: Float[Array, " dim"], key: PRNGKeyArray
 ) -> Float[Array, "groups dim"]:
-    """One `z ~ N(0, I)` per group, in theta's dtype."""
-    return jax.random.normal(key, (config.num_groups, flat.size), flat.dtype)
+    """One `z ~ N(0, I)` per group, in theta's dtype: drawn in at least float32 and
+    rounded (JAX's bfloat16 normals have a mean of -0.011, a bias of every estimate
+    made without antithetic pairs)."""
+    dtype = at_least_float32(flat.dtype)
+    shape = (config.num_groups, flat.size)
+    return jax.random.normal(key, shape, dtype).astype(flat.dtype)
 
 
 def score_estimate(
@@ -169,15 +173,19 @@ def score_estimate(
         per_member = losses.reshape(len(signs), num_groups)
         return sum(s * per_member[m] for m, s in enumerate(signs) if s)
 
+    # Formed and summed in at least float32, then rounded to theta's dtype: in
+    # float16 a contribution that overflowed was dropped though the mean fits.
+    dtype = at_least_float32(perturbation.credit_before.dtype)
     weighted = []
     for losses, scores in credits:
-        w = weights(losses).astype(scores.dtype)
+        scores = scores.astype(dtype)
+        w = weights(losses).astype(dtype)
         # |w| * max|score| bounds the group's contribution: finite, or left out.
         valid = valid & jnp.isfinite(w * jnp.max(jnp.abs(scores), axis=1))
         weighted.append((w, scores))
     out = sum(jnp.where(valid, w, 0) @ scores for w, scores in weighted)
     count = jnp.maximum(config.particles_per_group * jnp.sum(valid), 1)
-    out = out / count.astype(out.dtype)
+    out = (out / count.astype(out.dtype)).astype(perturbation.credit_before.dtype)
     finite = jnp.all(jnp.isfinite(out))
     return jnp.where(finite, out, 0), valid & finite
 

@@ -9,6 +9,7 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
 from optax_pes._checks import as_key, check_callable, check_float, check_int
+from optax_pes._tree import at_least_float32
 from optax_pes.tasks._control import control_system
 
 Normaliser = Callable[[Array], Array]
@@ -181,7 +182,12 @@ def mlp_policy(
     keys = jax.random.split(as_key(key, "key"), max(len(sizes), 1))
     theta = [
         {
-            "w": jax.random.normal(k, (n_in, n_out), dtype) / np.sqrt(n_in),
+            # (Drawn in at least float32 and rounded: the same weights in every
+            # dtype, and bfloat16's own normals are biased.)
+            "w": (
+                jax.random.normal(k, (n_in, n_out), at_least_float32(dtype))
+                / np.sqrt(n_in)
+            ).astype(dtype),
             "b": jnp.zeros((n_out,), dtype),
         }
         for k, n_in, n_out in zip(keys, widths[:-1], widths[1:], strict=False)

@@ -461,6 +461,8 @@ def test_an_unusable_traced_tolerance_adds_nothing(name, bad):
     assert not np.isfinite(float(new_state.inner_state.hypergrad_norm))
     if name == "inner_tol":  # the skipped solve is not reported as converged
         assert not bool(new_state.inner_state.inner_converged)
+    else:  # nor the skipped backward solve (an inf tolerance passed any residual)
+        assert not bool(new_state.inner_state.backward_converged)
 
 
 def test_a_tolerance_schedule_may_reach_zero():

@@ -7,6 +7,7 @@ file that does not match `like` (equinox alone reads any prefix of a file), and 
 so when a file is truncated or corrupt rather than failing at some leaf.
 """
 
+import errno
 import io
 import json
 import os
@@ -170,12 +171,16 @@ def tree_serialise_leaves(path_or_file: str | pathlib.Path | BinaryIO, pytree: P
 
 def _sync_directory(directory: pathlib.Path) -> None:
     """Make a rename in `directory` durable: fsync the directory (POSIX; Windows
-    cannot open a directory for it)."""
+    cannot open a directory for it). Some file systems (network, FUSE) refuse to
+    sync a directory: the checkpoint is written, so that is not an error."""
     if os.name != "posix":
         return
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
     finally:
         os.close(fd)
 

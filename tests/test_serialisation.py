@@ -1,5 +1,6 @@
 """Checkpoints refuse what does not fit, and say when a file is truncated or corrupt."""
 
+import errno
 import io
 import os
 import stat
@@ -138,6 +139,18 @@ def test_the_rename_is_made_durable(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", fsync)
     optax_pes.tree_serialise_leaves(tmp_path / "run.eqx", {"theta": THETA})
     assert synced == [False, True]  # the file, then its directory
+
+    def unsupported(fd):  # a file system that cannot sync a directory (EINVAL)
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", unsupported)
+    optax_pes.tree_serialise_leaves(tmp_path / "run.eqx", {"theta": THETA + 1})
+    restored = optax_pes.tree_deserialise_leaves(
+        tmp_path / "run.eqx", {"theta": jnp.zeros(1)}
+    )
+    np.testing.assert_array_equal(restored["theta"], THETA + 1)
 
 
 def test_a_write_through_a_symlink_keeps_the_link_and_the_mode(tmp_path):

@@ -550,3 +550,78 @@ def test_gmres_backward_of_a_half_precision_layer(adjoint):
             g = grad(dtype)
         assert g.dtype == dtype
         np.testing.assert_allclose(g.astype(jnp.float32), grad(jnp.float32), atol=0.05)
+
+
+def _large_float16_problem(d=4096):
+    """A contraction whose fixed point has entries near 3.5: |z*| ~ 224 sqrt(d / 4096)
+    in every dtype, past float16's norm limit of 256 at d = 16384 (its squares sum
+    past 65504), though every entry is small."""
+    x = 3.0 + 0.1 * jax.random.normal(jax.random.key(2), (d,))
+    x = x.astype(jnp.float16).astype(jnp.float32)  # the same input in every dtype
+    return (lambda z, x: 0.5 * jnp.tanh(z + 0.3 * jnp.roll(z, 1)) + x), x
+
+
+@pytest.mark.parametrize(
+    "solver",
+    [
+        optax_pes.Broyden(tol=1e-2, max_steps=20),
+        optax_pes.FixedPoint(tol=1e-2, max_steps=40),
+        optax_pes.Anderson(tol=1e-2, max_steps=20),
+    ],
+    ids=["Broyden", "FixedPoint", "Anderson"],
+)
+def test_float16_solves_of_a_large_state(solver):
+    # Norms were taken in z's dtype: a float16 |g| past 256 read inf, so the solve
+    # stopped at step 0 (converged=False, the layer's output f(z0)), with no
+    # warning from deq(x, z0). And Anderson's mixing problem was solved by LAPACK in
+    # 16 bits, which it has no kernels for (for bfloat16 too).
+    layer, x = _large_float16_problem(16384)
+    deq = optax_pes.DEQ(layer, solver=solver, adjoint=optax_pes.JacobianFree())
+    z32, info32 = deq.solve(x, jnp.zeros_like(x))
+    assert bool(info32.converged)
+    for dtype in (jnp.float16, jnp.bfloat16):
+        z, info = deq.solve(x.astype(dtype), jnp.zeros(x.shape, dtype))
+        assert bool(info.converged) and int(info.steps) > 0, dtype
+        assert bool(jnp.isfinite(info.residual))
+        rel = jnp.linalg.norm(z.astype(jnp.float32) - z32) / jnp.linalg.norm(z32)
+        assert float(rel) < 1e-2, (dtype, float(rel))
+
+
+@pytest.mark.parametrize(
+    "adjoint",
+    [
+        optax_pes.Shine(fallback=True),
+        optax_pes.Shine(refine_steps=2),
+        optax_pes.Implicit(tol=1e-2, linear_solver="fixed_point"),
+    ],
+    ids=["Shine-fallback", "Shine-refine", "Implicit-fixed_point"],
+)
+def test_float16_backward_of_a_large_cotangent(adjoint):
+    # |w| past 256 read inf in float16: Shine(fallback=True) fell back to
+    # Jacobian-free silently, and the fixed-point solves reported a failure (and
+    # fell back) that was not one.
+    d = 4096
+    x = 0.3 * jax.random.normal(jax.random.key(0), (d,))
+    x = x.astype(jnp.float16).astype(jnp.float32)
+
+    def layer(z, x):  # small entries, a Jacobian far from 0 (w is far from zbar)
+        return 0.6 * jnp.tanh(z + 0.3 * jnp.roll(z, 1)) + x
+
+    cotangent = jnp.full(d, 5.0)  # |zbar| = 320
+
+    def grad(dtype):
+        deq = optax_pes.DEQ(
+            layer, solver=optax_pes.Broyden(tol=1e-3, max_steps=20), adjoint=adjoint
+        )
+        loss = lambda x: jnp.vdot(  # noqa: E731
+            deq(x, jnp.zeros(x.shape, dtype)).astype(jnp.float32), cotangent
+        )
+        return jax.grad(loss)(x.astype(dtype)).astype(jnp.float32)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no (false) failure reported
+        g16 = grad(jnp.float16)
+    g32 = grad(jnp.float32)
+    assert float(jnp.linalg.norm(g16 - g32) / jnp.linalg.norm(g32)) < 2e-2
+    # (A test that can fail: Jacobian-free's gradient in x is zbar itself.)
+    assert float(jnp.linalg.norm(g32 - cotangent) / jnp.linalg.norm(g32)) > 0.03

@@ -16,6 +16,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from optax_pes._checks import check_float, check_int, python_float
 from optax_pes._implicit._flat import FlatFn
+from optax_pes._tree import at_least_float32, norm
 
 # Stop when the best residual has not improved for this many steps...
 _STAGNATION_STEPS = 50
@@ -27,8 +28,8 @@ class SolveInfo(NamedTuple):
     """Convergence statistics of a fixed-point solve (stop-gradient)."""
 
     steps: jax.Array  # shape=(), int32: iterations this sample took
-    residual: jax.Array  # shape=(), z's dtype: `|fn(z*) - z*|` of the returned z*
-    relative_residual: jax.Array  # shape=(), z's dtype: `residual / |z*|`
+    residual: jax.Array  # shape=(), z's dtype, at least float32: `|fn(z*) - z*|`
+    relative_residual: jax.Array  # shape=(), as residual: `residual / |z*|`
     converged: jax.Array  # shape=(), bool: residual or relative_residual <= tol
 
 
@@ -61,14 +62,18 @@ class LowRankInverse(eqx.Module):
     core: Float[Array, "rows rows"] | None = None
 
     def mv(self, x: Float[Array, " d"]) -> Float[Array, " d"]:
-        """$B^{-1} x$."""
-        y = self.v @ x
-        return -x + self.u.T @ (y if self.core is None else self.core @ y)
+        """$B^{-1} x$ (in at least float32, in `x`'s dtype)."""
+        acc = at_least_float32(x.dtype)
+        y = self.v.astype(acc) @ x.astype(acc)
+        y = y if self.core is None else self.core.astype(acc) @ y
+        return (self.u.T.astype(acc) @ y - x.astype(acc)).astype(x.dtype)
 
     def rmv(self, x: Float[Array, " d"]) -> Float[Array, " d"]:
-        r"""$B^{-\top} x$."""
-        y = self.u @ x
-        return -x + self.v.T @ (y if self.core is None else self.core.T @ y)
+        r"""$B^{-\top} x$ (in at least float32, in `x`'s dtype)."""
+        acc = at_least_float32(x.dtype)
+        y = self.u.astype(acc) @ x.astype(acc)
+        y = y if self.core is None else self.core.T.astype(acc) @ y
+        return (self.v.T.astype(acc) @ y - x.astype(acc)).astype(x.dtype)
 
     def as_matrix(self) -> Float[Array, "d d"]:
         """The dense estimate (for tests and small problems)."""
@@ -123,8 +128,9 @@ class _Driver(NamedTuple):
 
     state: Any  # the solver's state: a NamedTuple with (at least) fields z and g
     best_z: jax.Array  # shape=(d,), z's dtype: the lowest-residual iterate so far
-    best_res: jax.Array  # shape=(), z's dtype: its residual `|fn(best_z) - best_z|`
-    first_res: jax.Array  # shape=(), z's dtype: the residual at z0 (divergence test)
+    best_res: jax.Array  # shape=(), z's dtype, at least float32: its residual
+    #   `|fn(best_z) - best_z|`
+    first_res: jax.Array  # shape=(), as best_res: the residual at z0 (divergence test)
     iteration: jax.Array  # shape=(), int32: loop iterations (not batched under vmap)
     steps: jax.Array  # shape=(), int32: iterations while this sample was active
     stall: jax.Array  # shape=(), int32: iterations since best_res last improved
@@ -134,7 +140,7 @@ class _Driver(NamedTuple):
 def _converged(res, z, tol):
     # (A z whose norm overflows is no scale for a relative test: inf * tol passes
     # any finite residual.)
-    size = jnp.linalg.norm(z)
+    size = norm(z)
     return (res <= tol) | (jnp.isfinite(size) & (res <= tol * size))
 
 
@@ -149,7 +155,7 @@ def solve(
     buffers are never copied wholesale by a batched `while_loop`.
     """
     state = solver.init(fn, z0)
-    res0 = jnp.linalg.norm(state.g)
+    res0 = norm(state.g)  # (in at least float32: a float16 norm overflows at 256)
     zero = jnp.zeros((), jnp.int32)
     carry = _Driver(
         state=state,
@@ -168,7 +174,7 @@ def solve(
     def body(c: _Driver):
         active = ~c.done
         state = solver.step(fn, c.state, active, c.iteration)
-        res = jnp.linalg.norm(state.g)
+        res = norm(state.g)
         finite = jnp.isfinite(res)
         better = active & finite & (res < c.best_res)
         improved = finite & (res < (1 - 1e-3) * c.best_res)
@@ -193,13 +199,13 @@ def solve(
         )
 
     carry = jax.lax.while_loop(cond, body, carry)
-    norm_z = jnp.linalg.norm(carry.best_z)
+    norm_z = norm(carry.best_z)
     info = SolveInfo(
         steps=carry.steps,
         residual=carry.best_res,
         relative_residual=jnp.where(
             jnp.isfinite(norm_z),
-            carry.best_res / jnp.maximum(norm_z, jnp.finfo(z0.dtype).tiny),
+            carry.best_res / jnp.maximum(norm_z, jnp.finfo(norm_z.dtype).tiny),
             jnp.inf,  # (an overflowed |z|: no scale, as in _converged)
         ),
         converged=_converged(carry.best_res, carry.best_z, solver.tol),
@@ -221,7 +227,8 @@ class _BroydenState(NamedTuple):
     g: jax.Array  # shape=(d,), z's dtype: `fn(z) - z`
     step: jax.Array  # shape=(d,), z's dtype: the next step, `-B^-1 g`
     s: jax.Array  # shape=(memory + 1, d), z's dtype: the steps, one a row
-    a: jax.Array  # shape=(memory + 1, memory + 1), z's dtype: B^-1 = -I + S^T A S
+    a: jax.Array  # shape=(memory + 1, memory + 1), z's dtype, at least float32:
+    #   B^-1 = -I + S^T A S
     filled: jax.Array  # shape=(), int32: rows of s and a in use since the last restart
     # (Step i takes the step in row i % (memory + 1) and writes the next one after it.
     # Rows from `filled` on are stale, left by the cycle before a restart or zero, and
@@ -325,7 +332,7 @@ class Broyden(AbstractSolver):
         g = fn(z0) - z0
         # The first step, -B^-1 g = g, is row 0; A = 0 is B^-1 = -I.
         s = jnp.zeros((rows,) + z0.shape, z0.dtype).at[0].set(g)
-        a = jnp.zeros((rows, rows), z0.dtype)
+        a = jnp.zeros((rows, rows), at_least_float32(z0.dtype))
         return _BroydenState(z0, g, g, s, a, jnp.ones((), jnp.int32))
 
     def step(self, fn, state, active, iteration):
@@ -341,20 +348,26 @@ class Broyden(AbstractSolver):
         # Rows 0 .. iteration % rows hold the steps since the last restart (for an
         # active sample).
         filled = iteration % rows + 1
+        # The update's arithmetic runs in at least float32 (a no-op for float32 and
+        # float64): a float16 dot product overflows once it passes 65504, which
+        # |dz|^2 does at |dz| = 256. The buffers and iterates keep z's dtype.
+        acc = at_least_float32(z.dtype)
+        g_acc, dz = g.astype(acc), dz.astype(acc)
 
         def apply(s, a):
             # S g and S dz (two matrix-vector products: a (r, d) @ (d, 2) product
             # is a slow path on XLA:CPU), then -B^-1 g = g - S^T (A S g). Stale rows
             # are masked out of A S g and S dz; A's columns for them are zero in the
             # rows in use, so S g needs no mask.
-            in_use = (jnp.arange(s.shape[0]) < filled).astype(s.dtype)
-            p, q = s @ g, (s @ dz) * in_use
+            s = s.astype(acc)
+            in_use = (jnp.arange(s.shape[0]) < filled).astype(acc)
+            p, q = s @ g_acc, (s @ dz) * in_use
             pad = lambda t: jnp.pad(t, (0, rows - t.shape[0]))  # noqa: E731
-            return g - s.T @ ((a @ p) * in_use), pad(p), pad(a.T @ q)
+            return g_acc - s.T @ ((a @ p) * in_use), pad(p), pad(a.T @ q)
 
         step, p, a_q = _on_filled_steps(state.s, state.a, filled, apply)
         # v = B^-T dz = S^T c with c = A^T S dz - e_slot (dz is row `slot`).
-        c = a_q - jax.nn.one_hot(slot, rows, dtype=z.dtype)
+        c = a_q - jax.nn.one_hot(slot, rows, dtype=acc)
         inv_dg = dz - step  # B^-1 (g - g_old) = -step + dz
         denom = jnp.dot(dz, inv_dg)
         # Powell's safeguard: the update scales det(B) by gamma = denom / |dz|^2.
@@ -365,7 +378,7 @@ class Broyden(AbstractSolver):
         sigma = self.powell
         dz2 = jnp.dot(dz, dz)
         gamma = denom / jnp.where(dz2 == 0, 1, dz2)
-        sign = jnp.where(gamma >= 0, 1, -1).astype(z.dtype)
+        sign = jnp.where(gamma >= 0, 1, -1).astype(acc)
         theta = jnp.where(jnp.abs(gamma) < sigma, (1 - sign * sigma) / (1 - gamma), 1)
         denom = theta * denom + (1 - theta) * dz2
         # The updated inverse applied to g is kappa B^-1 g (u is parallel to B^-1 g):
@@ -376,8 +389,8 @@ class Broyden(AbstractSolver):
         # and `inverse` multiply stale rows by zero). A non-finite g makes p, and so
         # step, denom and kappa, non-finite: skipped too.
         row = theta / (kappa * jnp.where(denom == 0, 1, denom)) * c
-        eps = jnp.finfo(z.dtype).eps
-        tiny = eps * jnp.sqrt(dz2) * jnp.linalg.norm(inv_dg)
+        eps = float(jnp.finfo(z.dtype).eps)
+        tiny = eps * jnp.sqrt(dz2) * jnp.linalg.norm(inv_dg)  # (in acc)
         ok = (
             jnp.isfinite(denom)
             & (jnp.abs(denom) > tiny)
@@ -396,14 +409,14 @@ class Broyden(AbstractSolver):
         # plain iteration most solves stopped unconverged.)
         restart = nxt == 0
         # The next step goes to row `nxt` and the new update is row `nxt` of A.
-        keep = 1 - jax.nn.one_hot(nxt, rows, dtype=z.dtype)
-        new_step = jnp.where(restart, g, kappa * step)
+        keep = 1 - jax.nn.one_hot(nxt, rows, dtype=acc)
+        new_step = jnp.where(restart, g_acc, kappa * step).astype(z.dtype)
         # A g that is not finite (z left fn's domain, or |g| overflows: the driver's
         # test, which ends this sample's solve), or a next step that overflows
         # (which ends it one step later), writes neither its step nor its update:
         # the inverse handed to the backward is that of the steps before. (The
         # stale row of S left in its place meets a zero row and column of A.)
-        finite = jnp.isfinite(jnp.linalg.norm(g)) & jnp.all(jnp.isfinite(new_step))
+        finite = jnp.isfinite(norm(g)) & jnp.all(jnp.isfinite(new_step))
         row = jnp.where(restart | ~ok | ~finite, 0, row * keep)
         a = state.a.at[nxt].set(_keep(active, row, state.a[nxt]))
         step = _keep(active, new_step, state.step)
@@ -470,8 +483,12 @@ class Anderson(AbstractSolver):
 
     def step(self, fn, state, active, iteration):
         m = self.memory
-        used = (jnp.arange(m) < iteration + 1).astype(state.z.dtype)
-        gs = (state.fs - state.xs) * used[:, None]
+        # The mixing problem in at least float32 (LAPACK has no 16-bit solve, and
+        # a float16 Gram matrix overflows); the iterates keep z's dtype.
+        acc = at_least_float32(state.z.dtype)
+        xs, fs = state.xs.astype(acc), state.fs.astype(acc)
+        used = (jnp.arange(m) < iteration + 1).astype(acc)
+        gs = (fs - xs) * used[:, None]
         gram = gs @ gs.T
         scale = jnp.maximum(jnp.max(jnp.diagonal(gram)), jnp.finfo(gram.dtype).tiny)
         gram = gram / scale + self.ridge * jnp.eye(m, dtype=gram.dtype)
@@ -482,7 +499,8 @@ class Anderson(AbstractSolver):
         rhs = jnp.zeros(m + 1, gram.dtype).at[0].set(1)
         alpha = jnp.linalg.solve(h, rhs)[1:]
         alpha = jnp.where(jnp.all(jnp.isfinite(alpha)), alpha, used / jnp.sum(used))
-        z = self.damping * (alpha @ state.fs) + (1 - self.damping) * (alpha @ state.xs)
+        z = self.damping * (alpha @ fs) + (1 - self.damping) * (alpha @ xs)
+        z = z.astype(state.z.dtype)
         # A finished sample stays put (selected before f is applied, so that f's
         # output needs no select after) and writes its history row back unchanged.
         z = _keep(active, z, state.z)

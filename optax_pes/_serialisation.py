@@ -97,6 +97,13 @@ def _load(f: BinaryIO, x: Any) -> Any:
     if _is_key(x):
         data = np.load(f)
         return jax.random.wrap_key_data(data, impl=_key_impl(x))
+    if isinstance(x, np.ndarray):
+        # NumPy saves ml_dtypes' types (bfloat16, float8s) as raw records and loads
+        # them as void: read back in the dtype the header checked.
+        out = np.load(f)
+        if out.dtype.kind == "V" and out.dtype.itemsize == x.dtype.itemsize:
+            out = out.view(x.dtype)
+        return out
     return eqx.default_deserialise_filter_spec(f, x)
 
 

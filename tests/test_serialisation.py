@@ -187,6 +187,21 @@ def test_like_may_be_shapes_and_dtypes_only():
         )
 
 
+def test_a_numpy_bfloat16_leaf_round_trips():
+    # NumPy saves a bfloat16 array (ml_dtypes) as raw 2-byte records and loads it as
+    # void ("|V2"): outer_loop's History.theta of a bfloat16 theta, saved, was
+    # reported as a truncated or corrupt checkpoint.
+    tree = {"history": np.arange(4, dtype=jnp.bfloat16), "theta": THETA}
+    f = io.BytesIO()
+    optax_pes.tree_serialise_leaves(f, tree)
+    f.seek(0)
+    like = {"history": np.zeros(4, jnp.bfloat16), "theta": jnp.zeros(1)}
+    restored = optax_pes.tree_deserialise_leaves(f, like)
+    assert isinstance(restored["history"], np.ndarray)
+    assert restored["history"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(restored["history"], tree["history"])
+
+
 def test_a_header_without_its_fields_is_corrupt():
     data = _saved({"theta": THETA})
     magic = optax_pes._serialisation._MAGIC

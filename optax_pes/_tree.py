@@ -89,7 +89,7 @@ def at_least_float32(dtype: Any) -> jnp.dtype:
     return dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
 
 
-def norm(v: Array) -> Array:
+def vector_norm(v: Array) -> Array:
     """`jnp.linalg.norm(v)` in at least float32: a float16 norm overflows once it
     passes 256 (its square passes float16's largest value, 65504)."""
     return jnp.linalg.norm(v.astype(at_least_float32(v.dtype)))

@@ -38,7 +38,7 @@ from jaxtyping import Array, Bool, Float, PyTree
 from optax_pes._checks import check_choice, check_float, check_int, python_float
 from optax_pes._implicit._flat import FlatFn, flat_layer, flat_vjp
 from optax_pes._implicit._solvers import AbstractSolver, LowRankInverse
-from optax_pes._tree import at_least_float32, norm, stop_gradient
+from optax_pes._tree import at_least_float32, stop_gradient, vector_norm
 
 
 class AbstractAdjoint(eqx.Module):
@@ -188,9 +188,9 @@ class Shine(_AbstractCotangentAdjoint):
         w = -inverse.rmv(grad)
         if self.fallback:
             # (Also where |w| overflows: "> threshold * inf" would never fire.)
-            size = norm(w)
+            size = vector_norm(w)
             too_big = ~jnp.isfinite(size) | (
-                size > self.fallback_threshold * norm(grad)
+                size > self.fallback_threshold * vector_norm(grad)
             )
             w = jnp.where(too_big, grad, w)
         if not self.refine_steps:
@@ -210,7 +210,7 @@ class Shine(_AbstractCotangentAdjoint):
             def step(i, carry):
                 w, first, _ = carry
                 new = grad + vjp(w)
-                size = norm(new - w)
+                size = vector_norm(new - w)
                 return new, jnp.where(i == 0, size, first), size
 
             zero = jnp.zeros((), at_least_float32(grad.dtype))
@@ -302,7 +302,7 @@ class Implicit(_AbstractCotangentAdjoint):
                 i, w, delta = c
                 # A diverging w overflows |w| (past 1.8e19 in float32) while its step
                 # is still finite: stop there, and count it as a failure below.
-                size = norm(w)
+                size = vector_norm(w)
                 return (
                     (i < self.max_steps)
                     & jnp.isfinite(size)
@@ -312,11 +312,11 @@ class Implicit(_AbstractCotangentAdjoint):
             def body(c):
                 i, w, _ = c
                 new = grad + vjp(w)
-                return i + 1, new, norm(new - w)
+                return i + 1, new, vector_norm(new - w)
 
             inf = jnp.asarray(jnp.inf, at_least_float32(grad.dtype))
             _, w, delta = jax.lax.while_loop(cond, body, (0, grad, inf))
-            size = norm(w)
+            size = vector_norm(w)
             converged = jnp.isfinite(size) & (delta <= self.tol * size)
         else:
             solver = self.linear_solver
@@ -334,10 +334,10 @@ class Implicit(_AbstractCotangentAdjoint):
             w = _solve_transposed(vjp, grad, solver, None)
             # lineax reports max_steps_reached even when the last cycle converged:
             # judge by the residual instead.
-            residual = norm(grad - w + vjp(w))
+            residual = vector_norm(grad - w + vjp(w))
             atol = getattr(solver, "atol", self.tol)
             rtol = getattr(solver, "rtol", self.tol)
-            bound = atol + rtol * norm(grad)
+            bound = atol + rtol * vector_norm(grad)
             converged = residual <= _RESIDUAL_SLACK * bound
         failed = ~converged  # (also where w or the residual is NaN)
         return jnp.where(failed, grad, w), failed

@@ -49,7 +49,13 @@ from optax_pes._checks import (
 )
 from optax_pes._compile import SharedJit
 from optax_pes._implicit import _lbfgs
-from optax_pes._tree import add_to_updates, scaled_global_norm_f32, tree_all_finite
+from optax_pes._tree import (
+    add_to_updates,
+    at_least_float32,
+    scaled_global_norm_f32,
+    tree_all_finite,
+    vector_norm,
+)
 
 Method = Literal["shine", "shine_opa", "shine_refine", "implicit", "jacobian_free"]
 
@@ -303,7 +309,7 @@ def _inner_solve(
 
     def cond(c):
         _, _, _, grad, k = c
-        return (k < max_steps) & (jnp.linalg.norm(grad) > tol)
+        return (k < max_steps) & (vector_norm(grad) > tol)
 
     def body(c):
         wf, opt_state, value, grad, k = c
@@ -460,7 +466,8 @@ def _update(
     w0 = jax.tree.map(jnp.asarray, state.inner_params)
     w0_flat, unravel = ravel_pytree(w0)
     tol, tol_ok = _usable_tol(tol, "inner_tol")
-    tol = tol.astype(w0_flat.dtype)
+    # (Norms are taken in at least float32: a float16 one overflows past 256.)
+    tol = tol.astype(at_least_float32(w0_flat.dtype))
     if tol_ok is not None:  # an unusable traced tolerance: no solve at all
         tol = jnp.where(tol_ok, tol, jnp.inf)
     usable = [ok for ok in (tol_ok, strategy.usable()) if ok is not None]
@@ -516,14 +523,14 @@ def _update(
     hypergrad = jax.tree.map(lambda a: jnp.where(finite, a, 0), hypergrad)
     # A left-out update keeps the previous warm start.
     w = jnp.where(finite & tree_all_finite(w), w, w0_flat)
-    converged = jnp.linalg.norm(grad) <= tol
+    converged = vector_norm(grad) <= tol
     if tol_ok is not None:  # a skipped solve did not converge
         converged = converged & tol_ok
     new_state = BilevelState(
         count=state.count + 1,
         inner_params=unravel(w),
         inner_steps=steps,
-        inner_grad_norm=jnp.linalg.norm(grad).astype(jnp.float32),
+        inner_grad_norm=vector_norm(grad).astype(jnp.float32),
         inner_converged=converged,
         hypergrad_norm=norm,
         backward_converged=backward_converged,

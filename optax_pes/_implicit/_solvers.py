@@ -16,7 +16,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from optax_pes._checks import check_float, check_int, python_float
 from optax_pes._implicit._flat import FlatFn
-from optax_pes._tree import at_least_float32, norm
+from optax_pes._tree import at_least_float32, vector_norm
 
 # Stop when the best residual has not improved for this many steps...
 _STAGNATION_STEPS = 50
@@ -140,7 +140,7 @@ class _Driver(NamedTuple):
 def _converged(res, z, tol):
     # (A z whose norm overflows is no scale for a relative test: inf * tol passes
     # any finite residual.)
-    size = norm(z)
+    size = vector_norm(z)
     return (res <= tol) | (jnp.isfinite(size) & (res <= tol * size))
 
 
@@ -155,7 +155,7 @@ def solve(
     buffers are never copied wholesale by a batched `while_loop`.
     """
     state = solver.init(fn, z0)
-    res0 = norm(state.g)  # (in at least float32: a float16 norm overflows at 256)
+    res0 = vector_norm(state.g)  # (at least float32: a float16 one overflows at 256)
     zero = jnp.zeros((), jnp.int32)
     carry = _Driver(
         state=state,
@@ -174,7 +174,7 @@ def solve(
     def body(c: _Driver):
         active = ~c.done
         state = solver.step(fn, c.state, active, c.iteration)
-        res = norm(state.g)
+        res = vector_norm(state.g)
         finite = jnp.isfinite(res)
         better = active & finite & (res < c.best_res)
         improved = finite & (res < (1 - 1e-3) * c.best_res)
@@ -199,7 +199,7 @@ def solve(
         )
 
     carry = jax.lax.while_loop(cond, body, carry)
-    norm_z = norm(carry.best_z)
+    norm_z = vector_norm(carry.best_z)
     info = SolveInfo(
         steps=carry.steps,
         residual=carry.best_res,
@@ -416,7 +416,7 @@ class Broyden(AbstractSolver):
         # (which ends it one step later), writes neither its step nor its update:
         # the inverse handed to the backward is that of the steps before. (The
         # stale row of S left in its place meets a zero row and column of A.)
-        finite = jnp.isfinite(norm(g)) & jnp.all(jnp.isfinite(new_step))
+        finite = jnp.isfinite(vector_norm(g)) & jnp.all(jnp.isfinite(new_step))
         row = jnp.where(restart | ~ok | ~finite, 0, row * keep)
         a = state.a.at[nxt].set(_keep(active, row, state.a[nxt]))
         step = _keep(active, new_step, state.step)

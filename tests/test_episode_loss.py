@@ -181,3 +181,46 @@ def test_float16_scores_that_fit_are_not_dropped():
     (estimate16, dropped16), (estimate32, dropped32) = results.values()
     assert dropped16 == dropped32 == 0
     np.testing.assert_allclose(estimate16.astype(jnp.float32), estimate32, rtol=2e-2)
+
+
+def test_float16_tbptt_mean_that_fits_is_kept():
+    # The particles' gradients were summed in theta's dtype: 64 of 3000 overflow
+    # float16 though each and their mean fit, and the whole estimate was dropped.
+    def init(theta, key):
+        return jnp.zeros(())
+
+    def step(theta, s, key):
+        return s, 3000.0 * jnp.sum(theta.astype(jnp.float32))
+
+    system = optax_pes.UnrolledSystem(init, step, 4)
+    tx = optax_pes.tbptt(system, truncation_length=1, key=0, num_particles=64)
+    theta = jnp.full(3, 0.5, jnp.float16)
+    estimate, state = tx.update(jnp.zeros(3, jnp.float16), tx.init(theta), theta)
+    assert estimate.dtype == jnp.float16
+    np.testing.assert_array_equal(estimate, jnp.full(3, 3000.0, jnp.float16))
+    assert int(state.diagnostics.num_nonfinite) == 0
+
+
+def test_float16_pes_accumulator_does_not_overflow():
+    # PES's running sum of eps / sigma^2 over an episode was kept in theta's dtype:
+    # at sigma 1e-3 it passed float16's 65504 after a few hundred windows, and those
+    # particles were dropped as non-finite. It is kept in float32.
+    def init(theta, key):
+        return jnp.zeros(())
+
+    def step(theta, s, key):
+        return s, 1.0 + jnp.sum(theta.astype(jnp.float32) ** 2)
+
+    system = optax_pes.UnrolledSystem(init, step, 100_000)
+    tx = optax_pes.pes(system, num_particles=8, sigma=1e-3, truncation_length=1, key=0)
+    theta = jnp.full(64, 0.5, jnp.float16)
+
+    def body(state, _):
+        _, state = tx.update(jnp.zeros_like(theta), state, theta)
+        return state, state.diagnostics.num_nonfinite
+
+    state = tx.init(theta)
+    assert state.noise.score.dtype == jnp.float32
+    state, dropped = jax.jit(lambda s: jax.lax.scan(body, s, None, length=1500))(state)
+    assert int(jnp.sum(dropped)) == 0
+    assert float(jnp.max(jnp.abs(state.noise.score))) > 65504  # past float16's range

@@ -175,7 +175,7 @@ def score_estimate(
 
     # Formed and summed in at least float32, then rounded to theta's dtype: in
     # float16 a contribution that overflowed was dropped though the mean fits.
-    dtype = at_least_float32(perturbation.credit_before.dtype)
+    dtype = at_least_float32(perturbation.thetas.dtype)
     weighted = []
     for losses, scores in credits:
         scores = scores.astype(dtype)
@@ -185,7 +185,7 @@ def score_estimate(
         weighted.append((w, scores))
     out = sum(jnp.where(valid, w, 0) @ scores for w, scores in weighted)
     count = jnp.maximum(config.particles_per_group * jnp.sum(valid), 1)
-    out = (out / count.astype(out.dtype)).astype(perturbation.credit_before.dtype)
+    out = (out / count.astype(out.dtype)).astype(perturbation.thetas.dtype)
     finite = jnp.all(jnp.isfinite(out))
     return jnp.where(finite, out, 0), valid & finite
 

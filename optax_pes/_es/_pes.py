@@ -17,12 +17,14 @@ from optax_pes._es._estimator import (
     standard_normal,
 )
 from optax_pes._es._system import UnrolledSystem
+from optax_pes._tree import at_least_float32
 
 
 class PESNoise(NamedTuple):
     """PES's noise state: what each particle's current episode has accumulated."""
 
-    score: Array  # (groups, dim), theta's dtype: sum of eps / sigma^2 (`+` member)
+    score: Array  # (groups, dim), theta's dtype, at least float32: sum of
+    #   eps / sigma^2 (`+` member); a float16 sum over a long episode overflowed
 
 
 class _PersistentNoise(AbstractNoisePolicy):
@@ -31,11 +33,13 @@ class _PersistentNoise(AbstractNoisePolicy):
     a mid-window reset to the new episode's score only)."""
 
     def init_noise(self, config, flat):
-        return PESNoise(jnp.zeros((config.num_groups,) + flat.shape, flat.dtype))
+        shape = (config.num_groups,) + flat.shape
+        return PESNoise(jnp.zeros(shape, at_least_float32(flat.dtype)))
 
     def perturb(self, config, noise, needs_init, flat, sigma, key):
         z = standard_normal(config, flat, key)
-        score = z / sigma
+        acc = at_least_float32(flat.dtype)
+        score = z.astype(acc) / sigma.astype(acc)
         thetas = perturb(flat, z, config.signs, sigma)
         return Perturbation(thetas, None, noise.score + score, score, None)
 

@@ -26,7 +26,7 @@ from optax_pes._es._state import (
 )
 from optax_pes._es._system import UnrolledSystem, check_against_system
 from optax_pes._es._window import run_window
-from optax_pes._tree import add_to_updates, tree_all_finite
+from optax_pes._tree import add_to_updates, at_least_float32, tree_all_finite
 
 
 def tbptt(
@@ -115,17 +115,14 @@ def tbptt(
         for g in jax.tree.leaves(grads):
             valid = valid & jnp.all(jnp.isfinite(g.reshape(n, -1)), axis=1)
         count = jnp.maximum(jnp.sum(valid), 1)
-        estimate = jax.tree.map(
-            lambda g: (
-                jnp.tensordot(
-                    valid.astype(g.dtype),
-                    jnp.where(valid.reshape((-1,) + (1,) * (g.ndim - 1)), g, 0),
-                    axes=1,
-                )
-                / count.astype(g.dtype)
-            ),
-            grads,
-        )
+
+        def mean(g):  # (summed in at least float32: a float16 sum overflowed)
+            acc = at_least_float32(g.dtype)
+            kept = jnp.where(valid.reshape((-1,) + (1,) * (g.ndim - 1)), g, 0)
+            total = jnp.tensordot(valid.astype(acc), kept.astype(acc), axes=1)
+            return (total / count.astype(acc)).astype(g.dtype)
+
+        estimate = jax.tree.map(mean, grads)
         finite = tree_all_finite(estimate)
         estimate = jax.tree.map(lambda e: jnp.where(finite, e, 0), estimate)
         valid = valid & finite

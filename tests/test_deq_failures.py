@@ -587,6 +587,30 @@ def test_float16_solves_of_a_large_state(solver):
         assert float(rel) < 1e-2, (dtype, float(rel))
 
 
+def test_float16_broyden_update_of_a_large_state():
+    # A layer slow for plain iteration (0.9 z + ...), so Broyden's update decides:
+    # its dot products in float16 overflowed (|dz|^2 past 65504), every update was
+    # skipped and the solve crept on by fixed-point steps. In float32 arithmetic it
+    # converges in as few steps as the float32 layer, and SHINE's gradient, read
+    # from that inverse (|zbar| = 640), is the float32 one.
+    layer, x = _large_float16_problem(16384)
+    slow = lambda z, x: 0.9 * z + 0.1 * (layer(z, x) - x) + x  # noqa: E731
+    deq = optax_pes.DEQ(slow, solver=optax_pes.Broyden(tol=1e-3, max_steps=10))
+    _, info32 = deq.solve(x, jnp.zeros_like(x))
+    _, info = deq.solve(x.astype(jnp.float16), jnp.zeros(x.shape, jnp.float16))
+    assert bool(info32.converged) and bool(info.converged)
+    assert int(info.steps) <= int(info32.steps) + 1
+
+    def grad(dtype):
+        loss = lambda x: jnp.sum(  # noqa: E731
+            5.0 * deq(x, jnp.zeros(x.shape, dtype)).astype(jnp.float32)
+        )
+        return jax.grad(loss)(x.astype(dtype)).astype(jnp.float32)
+
+    g16, g32 = grad(jnp.float16), grad(jnp.float32)
+    assert float(jnp.linalg.norm(g16 - g32) / jnp.linalg.norm(g32)) < 2e-2
+
+
 @pytest.mark.parametrize(
     "adjoint",
     [
@@ -625,3 +649,24 @@ def test_float16_backward_of_a_large_cotangent(adjoint):
     assert float(jnp.linalg.norm(g16 - g32) / jnp.linalg.norm(g32)) < 2e-2
     # (A test that can fail: Jacobian-free's gradient in x is zbar itself.)
     assert float(jnp.linalg.norm(g32 - cotangent) / jnp.linalg.norm(g32)) > 0.03
+
+
+def test_a_half_precision_inverse_as_a_matrix():
+    # The small matrix of a 16-bit Broyden inverse is float32; as_matrix mixed it
+    # with the bfloat16 steps (a float32 result, a TypePromotionError under strict
+    # promotion). It is formed in float32 and returned in the steps' dtype.
+    solver = optax_pes.Broyden(memory=3)
+    fn = lambda z: 0.5 * jnp.tanh(z) + 1.0  # noqa: E731
+    state = solver.init(fn, jnp.zeros(5, jnp.bfloat16))
+    for i in range(2):
+        state = solver.step(fn, state, jnp.asarray(True), jnp.asarray(i))
+    inverse = solver.inverse(state)
+    with jax.numpy_dtype_promotion("strict"):
+        dense = inverse.as_matrix()
+        cotangent = jnp.ones(5, jnp.bfloat16)
+        assert dense.dtype == inverse.rmv(cotangent).dtype == jnp.bfloat16
+    np.testing.assert_allclose(
+        (dense.T @ cotangent).astype(jnp.float32),
+        inverse.rmv(cotangent).astype(jnp.float32),
+        rtol=2e-2,
+    )

@@ -77,9 +77,11 @@ class LowRankInverse(eqx.Module):
 
     def as_matrix(self) -> Float[Array, "d d"]:
         """The dense estimate (for tests and small problems)."""
-        d = self.u.shape[1]
-        v = self.v if self.core is None else self.core @ self.v
-        return -jnp.eye(d, dtype=self.u.dtype) + self.u.T @ v
+        d, acc = self.u.shape[1], at_least_float32(self.u.dtype)
+        v = self.v.astype(acc)
+        v = v if self.core is None else self.core.astype(acc) @ v
+        dense = self.u.T.astype(acc) @ v - jnp.eye(d, dtype=acc)
+        return dense.astype(self.u.dtype)
 
 
 class AbstractSolver(eqx.Module):

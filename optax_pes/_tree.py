@@ -84,9 +84,12 @@ def at_least_float32(dtype: Any) -> jnp.dtype:
     """`dtype` where it is at least as wide as float32, else float32: the dtype to
     sum, score or solve in for bfloat16 and float16 values. (Chosen, not promoted:
     under `jax.numpy_dtype_promotion("strict")` a 16-bit float and float32 have no
-    implicit promotion.)"""
+    implicit promotion.) Other dtypes (integers, which the callers' checks refuse
+    with their own message) are returned as they are."""
     dtype = jnp.dtype(dtype)
-    return dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
+    if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
+        return jnp.dtype(jnp.float32)
+    return dtype
 
 
 def vector_norm(v: Array) -> Array:

@@ -70,9 +70,8 @@ def test_checkpoints_and_resuming_continue_bit_for_bit(tmp_path):
     np.testing.assert_array_equal(resumed, theta)
 
 
-def test_calls_that_resume_compile_once():
-    """Resuming (`state=`), or one call per epoch with an evaluation between, reuses
-    the compiled chunk: each call compiled its own before."""
+def _traced_tx():
+    """`_tx()` over a system whose step records each trace: `(tx, traces)`."""
     traces = []
     base = optax_pes.tasks.toy_regression()
 
@@ -82,7 +81,13 @@ def test_calls_that_resume_compile_once():
 
     system = optax_pes.UnrolledSystem(base.init, step, base.horizon)
     pes = optax_pes.pes(system, num_particles=8, sigma=0.3, truncation_length=10, key=0)
-    tx = optax.chain(pes, optax.adam(1e-2))
+    return optax.chain(pes, optax.adam(1e-2)), traces
+
+
+def test_calls_that_resume_compile_once():
+    """Resuming (`state=`), or one call per epoch with an evaluation between, reuses
+    the compiled chunk: each call compiled its own before."""
+    tx, traces = _traced_tx()
     theta, state, _ = optax_pes.outer_loop(tx, THETA, 5, chunk=5, progress=False)
     seen = len(traces)
     for _ in range(2):
@@ -96,16 +101,7 @@ def test_calls_that_resume_compile_once():
 def test_a_weakly_typed_theta_compiles_one_chunk():
     """A theta written from Python scalars (`jnp.array(-4.0)`) is weakly typed, and
     the first chunk returned it strongly typed: the second chunk compiled again."""
-    traces = []
-    base = optax_pes.tasks.toy_regression()
-
-    def step(theta, state, key):
-        traces.append(None)
-        return base.step(theta, state, key)
-
-    system = optax_pes.UnrolledSystem(base.init, step, base.horizon)
-    pes = optax_pes.pes(system, num_particles=8, sigma=0.3, truncation_length=10, key=0)
-    tx = optax.chain(pes, optax.adam(1e-2))
+    tx, traces = _traced_tx()
     theta = jnp.broadcast_to(jnp.array(-4.0), (2,))
     assert theta.weak_type
     seen = []

@@ -63,17 +63,12 @@ class LowRankInverse(eqx.Module):
 
     def mv(self, x: Float[Array, " d"]) -> Float[Array, " d"]:
         """$B^{-1} x$ (in at least float32, in `x`'s dtype)."""
-        acc = at_least_float32(x.dtype)
-        y = self.v.astype(acc) @ x.astype(acc)
-        y = y if self.core is None else self.core.astype(acc) @ y
-        return (self.u.T.astype(acc) @ y - x.astype(acc)).astype(x.dtype)
+        return _low_rank_minus_identity(self.v, self.core, self.u, x)
 
     def rmv(self, x: Float[Array, " d"]) -> Float[Array, " d"]:
         r"""$B^{-\top} x$ (in at least float32, in `x`'s dtype)."""
-        acc = at_least_float32(x.dtype)
-        y = self.u.astype(acc) @ x.astype(acc)
-        y = y if self.core is None else self.core.T.astype(acc) @ y
-        return (self.v.T.astype(acc) @ y - x.astype(acc)).astype(x.dtype)
+        core = None if self.core is None else self.core.T
+        return _low_rank_minus_identity(self.u, core, self.v, x)
 
     def as_matrix(self) -> Float[Array, "d d"]:
         """The dense estimate (for tests and small problems)."""
@@ -82,6 +77,20 @@ class LowRankInverse(eqx.Module):
         v = v if self.core is None else self.core.astype(acc) @ v
         dense = self.u.T.astype(acc) @ v - jnp.eye(d, dtype=acc)
         return dense.astype(self.u.dtype)
+
+
+def _low_rank_minus_identity(
+    right: Float[Array, "rows d"],
+    core: Float[Array, "rows rows"] | None,
+    left: Float[Array, "rows d"],
+    x: Float[Array, " d"],
+) -> Float[Array, " d"]:
+    r"""$(L^\top C R - I) x$, in at least float32 (a float16 product overflows past
+    65504), returned in `x`'s dtype; `core` None is $C = I$."""
+    acc = at_least_float32(x.dtype)
+    y = right.astype(acc) @ x.astype(acc)
+    y = y if core is None else core.astype(acc) @ y
+    return (left.T.astype(acc) @ y - x.astype(acc)).astype(x.dtype)
 
 
 class AbstractSolver(eqx.Module):

@@ -125,6 +125,13 @@ def compare(system, theta0, args, *, title):
     curves = {}
     seeds = range(args.seed, args.seed + args.seeds)
     for seed in seeds:
+        if seed != args.seed:
+            # Each seed's estimators are new transformations that compile their own
+            # programs, which XLA:CPU keeps in 4,000-5,500 memory mappings per
+            # training on MJX: a sweep of this harness reached Linux's 65,530 at its
+            # 13th training and the next compile aborted. Dropping the last seed's
+            # programs costs one more compile of `evaluate`.
+            jax.clear_caches()
         estimators = make_estimators(
             system,
             num_particles=args.num_particles,

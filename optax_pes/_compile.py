@@ -17,6 +17,7 @@ import collections
 import functools
 import threading
 import types
+import warnings
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -125,6 +126,40 @@ def _is_array(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray))
 
 
+def memory_mappings() -> tuple[int, int] | None:
+    """(mappings this process holds, `vm.max_map_count`), or None off Linux."""
+    try:
+        with open("/proc/sys/vm/max_map_count") as limit:
+            most = int(limit.read())
+        with open("/proc/self/maps") as maps:
+            return sum(1 for _ in maps), most
+    except (OSError, ValueError):
+        return None
+
+
+def warn_if_few_mappings_left(share: float = 0.8) -> None:
+    """Warn before a compile when this process holds over `share` of the memory
+    mappings Linux allows it.
+
+    XLA:CPU keeps every compiled program it holds in memory mappings (thousands for
+    one MJX environment's update), and at `vm.max_map_count` (65530 by default) the
+    next compile aborts inside LLVM ("Unable to allocate section memory"), naming
+    nothing of the cause. A loop that builds a new transformation per seed or
+    configuration compiles new programs each time and gets there.
+    """
+    counts = memory_mappings()
+    if counts is not None and counts[0] > share * counts[1]:
+        warnings.warn(
+            f"this process holds {counts[0]} of the {counts[1]} memory mappings "
+            "Linux allows it (vm.max_map_count); XLA keeps every compiled program "
+            "in them and aborts the next compile when they run out. Call "
+            "jax.clear_caches() between configurations (each new transformation "
+            "compiles its own programs), or raise vm.max_map_count.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
 class SharedJit:
     """`fn(*args)` run as one compiled program per static structure of `args`."""
 
@@ -140,6 +175,8 @@ class SharedJit:
         fn = self._fn
 
         def make():
+            warn_if_few_mappings_left()
+
             def program(dynamic):
                 return fn(*eqx.combine(dynamic, static))
 

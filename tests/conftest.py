@@ -4,17 +4,11 @@ import time
 import jax
 import pytest
 
+from optax_pes._compile import memory_mappings
+
 # As in Optimistix: rank mistakes raise instead of silently broadcasting. (Strict
 # dtype promotion is left off: optax itself relies on standard promotion.)
 jax.config.update("jax_numpy_rank_promotion", "raise")
-
-
-def _memory_mappings() -> int | None:
-    try:
-        with open("/proc/self/maps") as maps:
-            return sum(1 for _ in maps)
-    except OSError:  # not Linux
-        return None
 
 
 @pytest.fixture(autouse=True)
@@ -29,8 +23,8 @@ def _free_compiled_programs():
     (segmentation fault or abort, no error message). Clearing the caches returns
     the count to its start; the check is one read of /proc/self/maps per test."""
     yield
-    count = _memory_mappings()
-    if count is not None and count > 20_000:
+    counts = memory_mappings()  # (held, allowed), or None off Linux
+    if counts is not None and counts[0] > 20_000:
         jax.clear_caches()
 
 

@@ -2,11 +2,14 @@
 
 import dataclasses
 import gc
+import warnings
 import weakref
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
+from optax_pes import _compile
 from optax_pes._compile import SharedJit, static_key
 
 
@@ -107,3 +110,30 @@ def test_functions_closing_over_tracers_are_not_kept():
             raise RuntimeError
 
     assert not captures_tracer([Odd()])
+
+
+def test_a_compile_near_the_memory_mapping_limit_warns(monkeypatch):
+    # XLA:CPU aborts a compile inside LLVM, naming nothing, once the process holds
+    # vm.max_map_count memory mappings; a sweep that builds new transformations
+    # (examples/swimmer.py over three seeds) got there. Warn before it does.
+    counts = [(60_000, 65_530)]
+    monkeypatch.setattr(_compile, "memory_mappings", lambda: counts[0])
+    shared = SharedJit(lambda x, n: x * n)
+    with pytest.warns(RuntimeWarning, match=r"60000 of the 65530 .*clear_caches"):
+        shared(jnp.ones(2), 2)
+    counts[0] = (1_000, 65_530)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        shared(jnp.ones(2), 3)  # a new program, far from the limit: no warning
+    counts[0] = None  # off Linux: nothing to read
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        shared(jnp.ones(2), 4)
+
+
+def test_memory_mappings_reads_this_process():
+    counts = _compile.memory_mappings()
+    if counts is None:
+        pytest.skip("no /proc: not Linux")
+    held, allowed = counts
+    assert 0 < held < allowed

@@ -33,7 +33,12 @@ from optax_pes._checks import (
     require_params,
     state_checker,
 )
-from optax_pes._compile import LRU, captures_tracer, static_key
+from optax_pes._compile import (
+    LRU,
+    captures_tracer,
+    static_key,
+    warn_if_few_mappings_left,
+)
 from optax_pes._es._config import EstimatorConfig, check_not_empty, check_sigma_for
 from optax_pes._es._state import (
     EstimatorState,
@@ -254,6 +259,7 @@ def compiled_when_eager(
     own: list[Callable[..., Any]] = []  # the per-estimator program (unhashable key)
 
     def make() -> Callable[..., Any]:
+        warn_if_few_mappings_left()
         if as_argument:
             return jax.jit(fn)
         return jax.jit(functools.partial(fn, sigma))

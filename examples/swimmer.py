@@ -26,6 +26,13 @@ extra: `pip install -e ".[control,examples]"`.
     python examples/swimmer.py           # ~22 minutes on 2 CPU cores (2 seeds)
     python examples/swimmer.py --quick   # a smaller budget, for smoke tests
 
+`--particle-counts` and `--sigmas` set N and the perturbation per estimator, as
+`--learning-rates` sets the step size. The best PES setting measured (docs/control.md,
+"Fewer particles") against full ES at its default:
+
+    python examples/swimmer.py --seeds 3 --particle-counts 'PES=32' \
+        --sigmas 'PES=0.1' --learning-rates 'full ES=0.05,PES=0.04'
+
 MJX compiles each estimator's update and the evaluation once (15-30 s each on a CPU)
 and then runs 4,000 (N = 8) to 12,000 (N = 64) environment steps per second on 2 cores
 (a GPU is much faster); `--cache DIR` keeps the compiled programs for the next run.
@@ -58,17 +65,30 @@ def steps_per_update(name, *, num_particles, truncation_length, horizon):
 ESTIMATORS = ("full ES", "PES", "NRES", "truncated ES")
 
 
-def make_estimators(system, *, num_particles, sigma, truncation_length, key, stagger):
-    """The four estimators, by name, with the same particles and noise scale;
-    `stagger` spreads the windowed estimators' particles over the episode."""
+def make_estimator(
+    name, system, *, num_particles, sigma, truncation_length, key, stagger
+):
+    """One of `ESTIMATORS`, by name; `stagger` spreads a windowed estimator's
+    particles over the episode."""
     es = dict(num_particles=num_particles, sigma=sigma, key=key)
-    window = dict(es, truncation_length=truncation_length, stagger=stagger)
-    return {
-        "full ES": optax_pes.full_es(system, **es),
-        "PES": optax_pes.pes(system, **window),
-        "NRES": optax_pes.nres(system, **window),
-        "truncated ES": optax_pes.truncated_es(system, **window),
-    }
+    if name == "full ES":
+        return optax_pes.full_es(system, **es)
+    windowed = {
+        "PES": optax_pes.pes,
+        "NRES": optax_pes.nres,
+        "truncated ES": optax_pes.truncated_es,
+    }[name]
+    return windowed(system, **es, truncation_length=truncation_length, stagger=stagger)
+
+
+def settings(args, name):
+    """`(N, sigma, Adam step)` of one estimator: the per-estimator overrides
+    (`--particle-counts`, `--sigmas`, `--learning-rates`) or the shared values."""
+    return (
+        args.particle_counts.get(name, args.num_particles),
+        args.sigmas.get(name, args.sigma),
+        args.learning_rates.get(name, args.learning_rate),
+    )
 
 
 def episode_returns(system, num_episodes, seed=12345):
@@ -132,18 +152,20 @@ def compare(system, theta0, args, *, title):
             # 13th training and the next compile aborted. Dropping the last seed's
             # programs costs one more compile of `evaluate`.
             jax.clear_caches()
-        estimators = make_estimators(
-            system,
-            num_particles=args.num_particles,
-            sigma=args.sigma,
-            truncation_length=args.truncation_length,
-            key=seed,
-            stagger=args.stagger,
-        )
-        for name, tx in estimators.items():
+        for name in ESTIMATORS:
+            num_particles, sigma, learning_rate = settings(args, name)
+            tx = make_estimator(
+                name,
+                system,
+                num_particles=num_particles,
+                sigma=sigma,
+                truncation_length=args.truncation_length,
+                key=seed,
+                stagger=args.stagger,
+            )
             per_update = steps_per_update(
                 name,
-                num_particles=args.num_particles,
+                num_particles=num_particles,
                 truncation_length=args.truncation_length,
                 horizon=system.horizon,
             )
@@ -152,7 +174,7 @@ def compare(system, theta0, args, *, title):
                 train(
                     tx,
                     theta0,
-                    learning_rate=args.learning_rates.get(name, args.learning_rate),
+                    learning_rate=learning_rate,
                     num_updates=num_updates,
                     num_evals=args.num_evals,
                     evaluate=evaluate,
@@ -160,6 +182,12 @@ def compare(system, theta0, args, *, title):
                 )
             )
     print(f"\n{title}")
+    print(
+        "; ".join(
+            "{}: N = {}, sigma = {}, Adam {}".format(name, *settings(args, name))
+            for name in ESTIMATORS
+        )
+    )
     print(
         f"budget {args.budget:,} environment steps per estimator and seed; target = "
         "full ES's final return in the same seed; 'fewer' = full ES's steps to a "
@@ -228,18 +256,23 @@ def plot(curves, path, title):
     print(f"saved {path}")
 
 
-def _learning_rates(text):
-    """'full ES=0.05,PES=0.02' -> {'full ES': 0.05, 'PES': 0.02}."""
-    rates = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        name, _, value = item.partition("=")
-        name = name.strip()
-        if name not in ESTIMATORS:
-            raise argparse.ArgumentTypeError(
-                f"unknown estimator {name!r}; expected one of {ESTIMATORS}"
-            )
-        rates[name] = float(value)
-    return rates
+def _per_estimator(cast):
+    """A parser of 'full ES=0.05,PES=0.02' -> {'full ES': 0.05, 'PES': 0.02}, each
+    value read by `cast`."""
+
+    def parse(text):
+        values = {}
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            name, _, value = item.partition("=")
+            name = name.strip()
+            if name not in ESTIMATORS:
+                raise argparse.ArgumentTypeError(
+                    f"unknown estimator {name!r}; expected one of {ESTIMATORS}"
+                )
+            values[name] = cast(value)
+        return values
+
+    return parse
 
 
 def parse_args(description, **defaults):
@@ -254,8 +287,20 @@ def parse_args(description, **defaults):
     )
     parser.add_argument(
         "--learning-rates",
-        type=_learning_rates,
+        type=_per_estimator(float),
         help="per-estimator overrides, e.g. 'full ES=0.05,PES=0.02'",
+    )
+    parser.add_argument(
+        "--particle-counts",
+        type=_per_estimator(int),
+        default={},
+        help="per-estimator N, e.g. 'PES=32'",
+    )
+    parser.add_argument(
+        "--sigmas",
+        type=_per_estimator(float),
+        default={},
+        help="per-estimator perturbation std, e.g. 'PES=0.1'",
     )
     parser.add_argument("--num-evals", type=int, help="evaluations per estimator")
     parser.add_argument("--eval-episodes", type=int, help="episodes per evaluation")

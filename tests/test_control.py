@@ -695,6 +695,10 @@ def test_pendulum_example_runs_every_estimator_over_seeds(tmp_path):
             "2",
             "--learning-rates",
             "PES=0.01,full ES=0.1",
+            "--particle-counts",
+            "PES=16",
+            "--sigmas",
+            "NRES=0.2",
             "--out",
             str(figure),
         ],
@@ -710,6 +714,12 @@ def test_pendulum_example_runs_every_estimator_over_seeds(tmp_path):
             assert any(row[:2] == [seed, name] for row in rows), run.stdout
     assert "over the seeds" in run.stdout
     assert figure.is_file()
+    # Per-estimator settings reach their estimator only (pendulum: N = 32, sigma 0.3,
+    # Adam 0.05 for all but these).
+    assert "full ES: N = 32, sigma = 0.3, Adam 0.1" in run.stdout
+    assert "PES: N = 16, sigma = 0.3, Adam 0.01" in run.stdout
+    assert "NRES: N = 32, sigma = 0.2, Adam 0.05" in run.stdout
+    assert "truncated ES: N = 32, sigma = 0.3, Adam 0.05" in run.stdout
 
     bad = subprocess.run(
         [

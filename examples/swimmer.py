@@ -272,6 +272,7 @@ def _per_estimator(cast):
             values[name] = cast(value)
         return values
 
+    parse.__name__ = f"'estimator={cast.__name__}'"  # argparse's "invalid ... value"
     return parse
 
 

@@ -4,9 +4,17 @@ counting and abstract-value comparison for the contract suites."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import optax_pes
 from optax_pes._es._config import stagger_offsets
+
+
+def slow(*values, id: str | None = None):
+    """A `parametrize` case run only with `-m slow` (CI runs those after the default
+    suite): a further case of a behaviour whose other cases stay in the default
+    suite, kept out of it for time."""
+    return pytest.param(*values, marks=pytest.mark.slow, id=id)
 
 
 def summed_estimates(tx, theta, *, num_updates, num_replicates, seed=0):

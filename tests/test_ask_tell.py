@@ -8,6 +8,8 @@ import pytest
 import optax_pes
 from optax_pes.tasks import linear_quadratic
 
+from .helpers import slow
+
 N, K = 4, 2
 
 
@@ -50,7 +52,7 @@ def _drive(at, system, theta, num_windows):
 
 
 @pytest.mark.parametrize("method", ["pes", "nres"])
-@pytest.mark.parametrize("horizon", [6, 7])  # 7: episodes end inside windows
+@pytest.mark.parametrize("horizon", [slow(6), 7])  # 7: episodes end inside windows
 def test_same_estimates_as_the_jax_estimator(method, horizon):
     system, theta = linear_quadratic(1, theta_shapes=(3,), horizon=horizon)
     common = dict(num_particles=N, sigma=0.1, key=5)

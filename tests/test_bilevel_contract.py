@@ -19,9 +19,12 @@ import pytest
 
 import optax_pes
 
-from .helpers import avals, counting_jit
+from .helpers import avals, counting_jit, slow
 
 METHODS = ["shine", "shine_opa", "shine_refine", "implicit", "jacobian_free"]
+# The slowest contract checks run SHINE and the implicit method (the two backward
+# solves) by default and the three others with `-m slow`.
+METHODS_TIMED = [m if m in ("shine", "implicit") else slow(m, id=m) for m in METHODS]
 STRUCTURAL = ["inner_max_steps", "opa_every", "refine_steps", "implicit_max_steps"]
 SETTINGS = dict(inner_tol=1e-4, inner_max_steps=20, opa_every=2, refine_steps=2)
 
@@ -100,7 +103,7 @@ def _assert_trees_close(actual, desired, rtol=1e-6):
 # ------------------------------------------------------------------ jit, kwargs ----
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", METHODS_TIMED)
 def test_jit_one_trace_and_the_estimate_added(method):
     tx, update, traces = _jitted(method)
     params = _params()
@@ -374,7 +377,7 @@ def test_an_implicit_solve_stopped_short_is_reported():
     assert bool(state.backward_converged)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", METHODS_TIMED)
 def test_a_non_finite_hypergradient_never_reaches_the_updates(method):
     """An outer loss that is inf at the solution (a held-out log-loss of 0 * log 0,
     say) gives a non-finite hypergradient: the update adds nothing, the warm start
@@ -400,7 +403,7 @@ def test_a_non_finite_hypergradient_never_reaches_the_updates(method):
     assert np.isfinite(float(state.hypergrad_norm))
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", METHODS_TIMED)
 def test_a_non_finite_inner_loss_never_reaches_the_updates(method):
     """An inner loss that is NaN in value (a log of a negative hyperparameter) but
     whose gradient in w is finite: the line search rejects every step. Before, the
@@ -438,7 +441,7 @@ def test_non_finite_hyperparameters():
     assert not np.isfinite(float(new_state.hypergrad_norm))
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1e-3])
+@pytest.mark.parametrize("bad", [float("nan"), slow(float("inf")), slow(-1e-3)])
 @pytest.mark.parametrize("name", ["inner_tol", "implicit_tol"])
 def test_an_unusable_traced_tolerance_adds_nothing(name, bad):
     """An injected tolerance that is not positive and finite cannot raise under
@@ -496,7 +499,7 @@ def test_a_large_finite_hypergradient_is_added(x64):
     assert max(np.abs(u).max() for u in leaves) > 1e25
 
 
-@pytest.mark.parametrize("method", ["implicit", "shine_refine"])
+@pytest.mark.parametrize("method", ["implicit", slow("shine_refine")])
 def test_an_outer_gradient_whose_norm_overflows_keeps_its_implicit_term(method):
     """float32, the outer loss times 1e25: |outer gradient| overflows, the linear
     solve's tolerance `tol * |outer gradient|` was inf, and CG stopped at y = 0: the

@@ -27,7 +27,7 @@ import pytest
 import optax_pes
 from optax_pes._es._config import stagger_offsets
 
-from .helpers import avals, counting_jit
+from .helpers import avals, counting_jit, slow
 
 SHAPES = {"a": (3,), "b": (2, 2), "c": ()}
 TARGET = {
@@ -452,7 +452,8 @@ def test_inject_hyperparams(name):
 
 
 @pytest.mark.parametrize("name", BASE)
-@pytest.mark.parametrize("partial", [False, True], ids=["closure", "eqx.Partial"])
+# (A system holding arrays compiles once in test_tasks.py too; here with `-m slow`.)
+@pytest.mark.parametrize("partial", [False, slow(True)], ids=["closure", "eqx.Partial"])
 def test_eager_inject_hyperparams_compiles_once(name, partial):
     """Called outside jit, `inject_hyperparams` builds the estimator anew on every
     update (its factory runs each time): the window still compiles once, and a

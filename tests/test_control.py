@@ -23,7 +23,7 @@ import pytest
 import optax_pes
 from optax_pes import tasks
 
-from .helpers import expected_sum, max_z_score, summed_estimates
+from .helpers import expected_sum, max_z_score, slow, summed_estimates
 
 Z_UNBIASED = 5.0
 Z_BIASED = 10.0
@@ -351,7 +351,8 @@ def test_antithetic_pairs_share_their_initial_state():
 # -- gymnax ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("reset_key", ["raw", "typed"])
+# (Raw keys reach reset in test_reset_gets_the_kind_of_key_asked_for too.)
+@pytest.mark.parametrize("reset_key", [slow("raw"), "typed"])
 def test_gymnax_pendulum(reset_key):
     gymnax = pytest.importorskip("gymnax")
     env, params = gymnax.make("Pendulum-v1")

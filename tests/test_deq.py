@@ -13,6 +13,8 @@ import optax_pes
 from optax_pes._implicit._flat import flat_layer
 from optax_pes._implicit._solvers import solve
 
+from .helpers import slow
+
 
 class Layer(eqx.Module):
     weight: jax.Array
@@ -538,7 +540,7 @@ class PytreeLayer(eqx.Module):
         return (jnp.tanh(self.weight @ b + x), 0.5 * jnp.cos(a[:3]))
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("dtype", ["float32", slow("float64")])
 def test_pytree_state_and_dtypes(dtype, x64):
     weight = 0.3 * jax.random.normal(jax.random.key(0), (4, 3), dtype)
     x = jnp.ones(4, dtype)
@@ -631,7 +633,8 @@ def test_solvers_and_adjoints_hold_no_non_array_leaves(obj):
 
 
 @pytest.mark.parametrize(
-    "linear_solver", ["gmres", "fixed_point", lx.GMRES(rtol=1e-6, atol=1e-6)]
+    "linear_solver",
+    ["gmres", slow("fixed_point"), slow(lx.GMRES(rtol=1e-6, atol=1e-6))],
 )
 def test_plain_jax_transforms_over_a_deq_with_implicit(linear_solver):
     layer, x, cotangent = _problem(0)

@@ -19,6 +19,8 @@ import pytest
 
 import optax_pes
 
+from .helpers import slow
+
 DIM, MEMORY, BATCH = 8, 5, 3
 
 
@@ -300,7 +302,7 @@ HARD = optax_pes.Broyden(max_steps=60, tol=1e-10, memory=60)
             "did not reach tol",
         ),
         # A lineax solver: its own tolerance and step limit are the ones named.
-        (
+        slow(
             optax_pes.Implicit(
                 linear_solver=lx.GMRES(rtol=1e-8, atol=1e-8, restart=2, max_steps=2)
             ),
@@ -524,7 +526,7 @@ def test_broyden_history_holds_only_finite_steps_in_float16():
 @pytest.mark.parametrize(
     "adjoint",
     [
-        optax_pes.Implicit(tol=1e-2),
+        slow(optax_pes.Implicit(tol=1e-2)),
         optax_pes.Shine(refine_steps=3, refine_solver="gmres"),
     ],
     ids=["Implicit", "Shine-gmres"],
@@ -564,7 +566,8 @@ def _large_float16_problem(d=4096):
 @pytest.mark.parametrize(
     "solver",
     [
-        optax_pes.Broyden(tol=1e-2, max_steps=20),
+        # (Broyden's float16 update of a large state has its own test below.)
+        slow(optax_pes.Broyden(tol=1e-2, max_steps=20)),
         optax_pes.FixedPoint(tol=1e-2, max_steps=40),
         optax_pes.Anderson(tol=1e-2, max_steps=20),
     ],
@@ -616,7 +619,7 @@ def test_float16_broyden_update_of_a_large_state():
     [
         optax_pes.Shine(fallback=True),
         optax_pes.Shine(refine_steps=2),
-        optax_pes.Implicit(tol=1e-2, linear_solver="fixed_point"),
+        slow(optax_pes.Implicit(tol=1e-2, linear_solver="fixed_point")),
     ],
     ids=["Shine-fallback", "Shine-refine", "Implicit-fixed_point"],
 )

@@ -89,7 +89,8 @@ def exact_gradients(weight, mix, bias, xs, cs):
     return (*grads, np.stack(grad_xs))
 
 
-@pytest.fixture(params=["float32", "float64"])
+# The float64 cases (tighter bounds, twice the compile time) run with `-m slow`.
+@pytest.fixture(params=["float32", pytest.param("float64", marks=pytest.mark.slow)])
 def dtype(request):
     if request.param == "float64":
         request.getfixturevalue("x64")

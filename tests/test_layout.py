@@ -16,17 +16,20 @@ import optax_pes
 from optax_pes._implicit import _adjoints
 from optax_pes._implicit._layout import _needs_rewrite, canonical_convolutions
 
+from .helpers import slow
+
 pytestmark = pytest.mark.skipif(
     jax.default_backend() != "cpu", reason="the rewrite only happens on the CPU"
 )
 
 # (lhs layout, rhs layout, out layout, strides, lhs dilation, rhs dilation, groups)
+# (The default suite runs the first and the grouped one; `-m slow` all five.)
 CASES = [
     ("NCHW", "OIHW", "NCHW", (1, 1), (1, 1), (1, 1), 1),  # eqx.nn.Conv2d
-    ("NHWC", "HWOI", "NHWC", (1, 1), (1, 1), (1, 1), 1),  # an input VJP's kernel
-    ("NHWC", "HWIO", "NCHW", (2, 1), (1, 1), (1, 2), 1),
+    slow(("NHWC", "HWOI", "NHWC", (1, 1), (1, 1), (1, 1), 1)),  # an input VJP's kernel
+    slow(("NHWC", "HWIO", "NCHW", (2, 1), (1, 1), (1, 2), 1)),
     ("NCHW", "IOHW", "NHWC", (1, 1), (2, 1), (1, 1), 2),  # grouped, lhs-dilated
-    ("HWNC", "OHWI", "CHWN", (1, 2), (1, 1), (2, 1), 1),
+    slow(("HWNC", "OHWI", "CHWN", (1, 2), (1, 1), (2, 1), 1)),
 ]
 
 
@@ -123,7 +126,7 @@ def _exact_gradient(cell, x, z_star, cotangent):
 @pytest.mark.parametrize(
     "adjoint",
     [
-        optax_pes.Implicit(tol=1e-7),
+        slow(optax_pes.Implicit(tol=1e-7)),
         optax_pes.Implicit(tol=1e-7, linear_solver="fixed_point", max_steps=200),
         optax_pes.Shine(refine_steps=40),
     ],

@@ -13,6 +13,8 @@ from jax.flatten_util import ravel_pytree
 import optax_pes
 from optax_pes import tasks
 
+from .helpers import slow
+
 
 def regression_data(n=96, dim=5, key=0):
     kx, kw = jax.random.split(jax.random.key(key))
@@ -136,7 +138,8 @@ def test_minibatches_come_from_the_step_key_only():
     assert a == b and a != c
 
 
-@pytest.mark.parametrize("objective", ["val_loss", "accuracy"])
+# Accuracy (the non-differentiable objective) by default; the loss with `-m slow`.
+@pytest.mark.parametrize("objective", [slow("val_loss"), "accuracy"])
 def test_validation_objectives_give_finite_estimates(objective):
     train, val = classification_data(key=0), classification_data(n=60, key=1)
     make = lambda k: eqx.nn.MLP(6, 3, 16, 1, key=k)

@@ -5,6 +5,9 @@ Every message names the argument, the expected form and what was received:
 from the library, so both halves (estimators, implicit layers) and the tasks use it.
 """
 
+import os
+import sys
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -12,6 +15,34 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import PRNGKeyArray, PyTree
+
+# Packages a warning raised inside optax_pes may be called through: its frames in
+# them are skipped so that the warning names the user's line.
+_THROUGH = ("optax_pes", "jax", "jaxlib", "optax", "equinox", "lineax", "flax")
+
+
+def _library_dirs() -> tuple[str, ...]:
+    dirs = []
+    for name in _THROUGH:
+        module = sys.modules.get(name)
+        path = getattr(module, "__file__", None)
+        if path:
+            dirs.append(os.path.dirname(os.path.abspath(path)) + os.sep)
+    return tuple(dirs)
+
+
+def warn(message: str, category: type[Warning] = RuntimeWarning) -> None:
+    """`warnings.warn(message, category)` attributed to the first caller outside
+    optax_pes and the libraries it is called through (jax, optax, Equinox, Flax):
+    the user's line, however deep in a chain, a trace or a cache it was raised.
+    (Python 3.12's `skip_file_prefixes`, for 3.11 too.)"""
+    dirs = _library_dirs()
+    frame, level = sys._getframe(0), 1
+    while frame.f_back is not None and os.path.abspath(
+        frame.f_code.co_filename
+    ).startswith(dirs):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 def _computed_type(leaf: Any) -> str:

@@ -17,13 +17,14 @@ import collections
 import functools
 import threading
 import types
-import warnings
 from collections.abc import Callable, Hashable
 from typing import Any
 
 import equinox as eqx
 import jax
 import numpy as np
+
+from optax_pes._checks import warn
 
 _MAX_PROGRAMS = 16
 
@@ -149,14 +150,12 @@ def warn_if_few_mappings_left(share: float = 0.8) -> None:
     """
     counts = memory_mappings()
     if counts is not None and counts[0] > share * counts[1]:
-        warnings.warn(
+        warn(
             f"this process holds {counts[0]} of the {counts[1]} memory mappings "
             "Linux allows it (vm.max_map_count); XLA keeps every compiled program "
             "in them and aborts the next compile when they run out. Call "
             "jax.clear_caches() between configurations (each new transformation "
-            "compiles its own programs), or raise vm.max_map_count.",
-            RuntimeWarning,
-            stacklevel=3,
+            "compiles its own programs), or raise vm.max_map_count."
         )
 
 

@@ -496,6 +496,13 @@ def test_sigma_below_thetas_resolution_warns():
     tx = optax_pes.pes(_system(), **_kwargs(sigma=1e-6))
     with pytest.warns(RuntimeWarning, match="sigma=1e-06 is below the float32 spacing"):
         tx.init(theta)
+    # Attributed to the user's line, through optax's chain and a jax trace too.
+    chained = optax.chain(tx, optax.sgd(1.0))
+    traced = lambda: jax.eval_shape(lambda: chained.init(theta))  # noqa: E731
+    for call in (lambda: chained.init(theta), traced):
+        with pytest.warns(RuntimeWarning, match="below the float32 spacing") as record:
+            call()
+        assert [r.filename for r in record] == [__file__]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         optax_pes.pes(_system(), **_kwargs(sigma=1e-3)).init(theta)

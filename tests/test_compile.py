@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import optax_pes
 from optax_pes import _compile
 from optax_pes._compile import SharedJit, static_key
 
@@ -119,8 +120,9 @@ def test_a_compile_near_the_memory_mapping_limit_warns(monkeypatch):
     counts = [(60_000, 65_530)]
     monkeypatch.setattr(_compile, "memory_mappings", lambda: counts[0])
     shared = SharedJit(lambda x, n: x * n)
-    with pytest.warns(RuntimeWarning, match=r"60000 of the 65530 .*clear_caches"):
+    with pytest.warns(RuntimeWarning, match=r"60000 of the 65530 .*clear_caches") as w:
         shared(jnp.ones(2), 2)
+    assert [r.filename for r in w] == [__file__]  # the user's line, not the cache's
     counts[0] = (1_000, 65_530)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -137,3 +139,22 @@ def test_memory_mappings_reads_this_process():
         pytest.skip("no /proc: not Linux")
     held, allowed = counts
     assert 0 < held < allowed
+
+
+def test_an_eager_update_near_the_limit_warns_at_the_users_line(monkeypatch):
+    # The estimators' eager program is built several calls deep (update_fn, the
+    # cache): the warning names the line that called `tx.update`.
+    monkeypatch.setattr(_compile, "memory_mappings", lambda: (60_000, 65_530))
+    system = optax_pes.UnrolledSystem(
+        init=lambda theta, key: jnp.zeros(()),
+        step=lambda theta, s, key: (s + 1.0, jnp.sum(theta**2) + 0.0 * s),
+        horizon=7,
+    )
+    tx = optax_pes.pes(system, num_particles=6, sigma=0.1, truncation_length=5, key=0)
+    theta = jnp.array([0.5, 0.25, 0.125])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        state = tx.init(theta)
+    with pytest.warns(RuntimeWarning, match="clear_caches") as record:
+        tx.update(jnp.zeros(3), state, theta)
+    assert [r.filename for r in record] == [__file__]

@@ -1,6 +1,5 @@
 """The structural configuration every estimator shares, validated once."""
 
-import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -9,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import PRNGKeyArray, PyTree
 
-from optax_pes._checks import as_key, check_int, describe, is_concrete
+from optax_pes._checks import as_key, check_int, describe, is_concrete, warn
 from optax_pes._es._system import UnrolledSystem
 from optax_pes._placement import Placement, placement
 
@@ -117,14 +116,12 @@ def check_sigma_for(sigma: Any, flat: jax.Array, params: PyTree) -> None:
         return
     spacing, largest, dtype, path = coarsest
     where = f"theta{path}'s" if path else "theta's"
-    warnings.warn(
+    warn(
         f"sigma={value:.3g} is below the {dtype} spacing of {where} largest "
         f"coordinate (|theta| = {largest:.3g}, spacing {spacing:.3g}): "
         "theta + eps rounds to theta there, and its estimate is zero (antithetic) "
         "or noise. Use a larger sigma or rescale theta"
-        + (", or float64 params." if jnp.finfo(dtype).bits < 64 else "."),
-        RuntimeWarning,
-        stacklevel=3,
+        + (", or float64 params." if jnp.finfo(dtype).bits < 64 else ".")
     )
 
 

@@ -23,7 +23,6 @@ replaced by a bounded estimate and reported: a `RuntimeWarning`, or an error wit
 
 import abc
 import functools
-import warnings
 from typing import Any, Literal
 
 import equinox as eqx
@@ -35,7 +34,7 @@ from jax.custom_derivatives import SymbolicZero
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Bool, Float, PyTree
 
-from optax_pes._checks import check_choice, check_float, check_int, python_float
+from optax_pes._checks import check_choice, check_float, check_int, python_float, warn
 from optax_pes._implicit._flat import FlatFn, flat_layer, flat_vjp
 from optax_pes._implicit._solvers import AbstractSolver, LowRankInverse
 from optax_pes._tree import at_least_float32, stop_gradient, vector_norm
@@ -424,8 +423,9 @@ _first_order_only.defjvp(_first_order_only_jvp, symbolic_zeros=True)
 
 
 def _warn(message: str) -> None:
-    # (From a callback: there is no user frame to point at.)
-    warnings.warn(message, RuntimeWarning, stacklevel=1)
+    # From a callback: at the user's line where the callback runs in the user's call
+    # (eagerly), else at the outermost frame of the thread it runs in.
+    warn(message)
 
 
 _NON_FINITE = (

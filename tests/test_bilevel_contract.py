@@ -539,3 +539,14 @@ def test_a_schedule_of_inner_tol_is_checked():
     tx = _make("shine", inner_tol=lambda count: jnp.ones(3))
     with pytest.raises(ValueError, match="inner_tol.*scalar"):
         jax.jit(tx.update)(_zeros(params), tx.init(params), params)
+
+
+def test_strict_dtype_promotion():
+    # No implicit promotion in the inner L-BFGS solve, OPA's extra pairs and the
+    # hypergradient (optax.lbfgs included), as Equinox and Optimistix test theirs.
+    with jax.numpy_dtype_promotion("strict"):
+        tx = _make("shine_opa", **SETTINGS)
+        params = _params()
+        updates, state = jax.jit(tx.update)(_zeros(params), tx.init(params), params)
+    _assert_finite(updates)
+    assert bool(state.inner_converged)

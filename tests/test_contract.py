@@ -299,6 +299,23 @@ def test_estimate_is_added_to_updates(config):
     _assert_trees_equal(state_zeros, state_ones)
 
 
+@pytest.mark.parametrize(
+    "config", VARIANT_CONFIGS + [BASE_CONFIGS[BASE.index("full_es")]]
+)
+def test_strict_dtype_promotion(config):
+    # No implicit promotion inside the estimators (Equinox and Optimistix test
+    # theirs under "strict"): windows with resets inside them, staggering, and the
+    # float32 episode totals and int32 counters of the diagnostics. (optax.adam
+    # itself does not run under "strict": its bias correction mixes int and float.)
+    with jax.numpy_dtype_promotion("strict"):
+        tx = _make(config)
+        params = _params()
+        state = tx.init(params)
+        for _ in range(4):
+            updates, state = jax.jit(tx.update)(_zeros(params), state, params)
+        _assert_finite(updates)
+
+
 @pytest.mark.parametrize("config", CONFIGS)
 def test_diagnostics_readable_from_state(config):
     tx, update, _ = _jitted(config)

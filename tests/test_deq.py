@@ -314,6 +314,28 @@ def test_numpy_float64_settings_keep_a_float32_state(x64, solver, adjoint):
     assert grad.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(grad)))
 
 
+@pytest.mark.parametrize(
+    "solver, adjoint",
+    [
+        (optax_pes.Broyden(), optax_pes.Shine(refine_steps=2, fallback=True)),
+        (optax_pes.Anderson(), optax_pes.Implicit()),
+    ],
+    ids=["Broyden-Shine", "Anderson-Implicit"],
+)
+def test_strict_dtype_promotion(solver, adjoint):
+    # No implicit promotion in the solvers and adjoints (as Equinox and Optimistix
+    # test theirs): the forward, the backward and the info under "strict".
+    w = 0.3 * jax.random.normal(jax.random.key(0), (5, 5))
+    deq = optax_pes.DEQ(
+        lambda z, x: jnp.tanh(w @ z + x), solver=solver, adjoint=adjoint
+    )
+    x = jnp.linspace(-1, 1, 5)
+    with jax.numpy_dtype_promotion("strict"):
+        z, info = jax.jit(deq.solve)(x, jnp.zeros(5))
+        grad = jax.jit(jax.grad(lambda x: deq(x, jnp.zeros(5)).sum()))(x)
+    assert bool(info.converged) and bool(jnp.all(jnp.isfinite(grad)))
+
+
 def test_broyden_memory_is_fixed_size():
     layer, x, _ = _problem(0)
     solver = optax_pes.Broyden(max_steps=40, tol=1e-14, memory=3)

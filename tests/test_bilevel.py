@@ -131,11 +131,7 @@ def _grid_minimum():
 # `-m slow`.
 @pytest.mark.parametrize(
     "method",
-    ["shine"]
-    + [
-        pytest.param(m, marks=pytest.mark.slow)
-        for m in ("shine_opa", "shine_refine", "implicit")
-    ],
+    ["shine"] + [slow(m) for m in ("shine_opa", "shine_refine", "implicit")],
 )
 def test_hyperparameter_optimisation_reaches_the_grid_minimum(method, x64):
     tx = optax.chain(

@@ -116,7 +116,7 @@ def _z_score(make, system, theta, *, truncation_length, stagger, replicates):
     "make, truncation_length, stagger",
     [
         (optax_pes.pes, 3, False),  # T % K != 0: episodes end inside windows
-        pytest.param(optax_pes.pes, 2, True, marks=pytest.mark.slow),
+        slow(optax_pes.pes, 2, True),
         (optax_pes.full_es, None, False),
     ],
     ids=["pes-K3", "pes-K2-staggered", "full_es"],

@@ -77,9 +77,7 @@ SEEDS = range(5)
 
 
 # Two layers in the default suite, all five with `-m slow` (about 15 s each on CPU).
-@pytest.mark.parametrize(
-    "seed", [0, 1] + [pytest.param(s, marks=pytest.mark.slow) for s in SEEDS[2:]]
-)
+@pytest.mark.parametrize("seed", [0, 1] + [slow(s) for s in SEEDS[2:]])
 def test_implicit_and_refined_shine_match_the_exact_gradient(seed, x64):
     layer, x, cotangent = _problem(seed)
     ref_layer, ref_x = exact_gradients(layer, x, cotangent)
@@ -348,9 +346,7 @@ def test_broyden_memory_is_fixed_size():
 
 # Memory 1 and 5 in the default suite; 3 and the default 30 (20-30 s on CPU) with
 # `-m slow`.
-@pytest.mark.parametrize(
-    "memory", [1, 5] + [pytest.param(m, marks=pytest.mark.slow) for m in (3, 30)]
-)
+@pytest.mark.parametrize("memory", [1, 5] + [slow(m) for m in (3, 30)])
 def test_broyden_step_reads_every_filled_row(x64, memory, monkeypatch):
     """Broyden's step reads only the leading block of rows filled since its last
     restart. The same step made to read every row (one block of all of them) must

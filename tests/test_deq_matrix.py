@@ -14,6 +14,8 @@ import pytest
 
 import optax_pes
 
+from .helpers import slow
+
 DIM, BATCH = 4, 3
 
 SOLVERS = {
@@ -90,7 +92,7 @@ def exact_gradients(weight, mix, bias, xs, cs):
 
 
 # The float64 cases (tighter bounds, twice the compile time) run with `-m slow`.
-@pytest.fixture(params=["float32", pytest.param("float64", marks=pytest.mark.slow)])
+@pytest.fixture(params=["float32", slow("float64")])
 def dtype(request):
     if request.param == "float64":
         request.getfixturevalue("x64")

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import jax
 import pytest
 
+from .helpers import slow
+
 DOCS = pathlib.Path(__file__).parent.parent / "docs"
 SKIP = re.compile(r"^\s*<!--\s*docs-test:\s*skip\b\s*(?P<reason>.*?)\s*-->\s*$")
 FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>`{3,}|~{3,})\s*(?P<info>.*)$")
@@ -97,10 +99,7 @@ SLOW_PAGES = ("training.md", "deq.md")
 
 @pytest.mark.parametrize(
     "page",
-    [
-        pytest.param(page, marks=pytest.mark.slow) if page in SLOW_PAGES else page
-        for page in pages_with_code()
-    ],
+    [slow(page) if page in SLOW_PAGES else page for page in pages_with_code()],
 )
 def test_page_code_runs(page, capsys):
     blocks = fenced_blocks((DOCS / page).read_text())

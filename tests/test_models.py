@@ -10,6 +10,8 @@ from jax.flatten_util import ravel_pytree
 import optax_pes
 from optax_pes.models import Conv2d, GroupNorm, MDEQCell, MDEQClassifier
 
+from .helpers import slow
+
 ADJOINTS = {
     "Shine": optax_pes.Shine(),
     "Shine(refine_steps=5)": optax_pes.Shine(refine_steps=5),
@@ -82,10 +84,7 @@ def test_gradient_matches_the_dense_implicit_gradient(x64):
 # with `-m slow`.
 @pytest.mark.parametrize(
     "name",
-    [
-        n if n in ("Shine", "JacobianFree") else pytest.param(n, marks=pytest.mark.slow)
-        for n in ADJOINTS
-    ],
+    [n if n in ("Shine", "JacobianFree") else slow(n) for n in ADJOINTS],
 )
 def test_every_adjoint_gives_finite_gradients_under_jit_and_vmap(name):
     model = tiny(ADJOINTS[name])

@@ -422,12 +422,6 @@ def _first_order_only_jvp(primals, tangents):
 _first_order_only.defjvp(_first_order_only_jvp, symbolic_zeros=True)
 
 
-def _warn(message: str) -> None:
-    # From a callback: at the user's line where the callback runs in the user's call
-    # (eagerly), else at the outermost frame of the thread it runs in.
-    warn(message)
-
-
 _NON_FINITE = (
     "the SHINE estimate w = -B^-T zbar was not finite (Broyden's inverse blew up, or "
     "the cotangent is too large for the layer's dtype); without throw=True those "
@@ -452,9 +446,11 @@ def _report(
         return eqx.error_if(w, failed, message)
     # One callback per backward pass (not one per sample under vmap), and only when
     # a sample failed: an unconditional host callback cost as much as the refinement.
+    # (`warn` names the user's line where the callback runs in the user's call, as
+    # eagerly; else the outermost frame of the thread it runs in.)
     jax.lax.cond(
         eqxi.unvmap_any(failed),
-        lambda: jax.debug.callback(functools.partial(_warn, message)),
+        lambda: jax.debug.callback(functools.partial(warn, message)),
         lambda: None,
     )
     return w
